@@ -1,0 +1,42 @@
+"""The ASGI application: ``uvicorn api_stub.app:app``."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api_stub.errors import install_error_handlers
+from api_stub.routes import deployments, health, preferences, purposes, tenancy, widgets
+from worker.db import get_engine, reset_engine
+from worker.settings import get_settings
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    get_settings()  # bad configuration stops start-up here, with one clear line
+    get_engine()
+    yield
+    reset_engine()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="Widget deployment API",
+        summary="Enqueue deploy and archive jobs for privacy widgets (Didomi-style API).",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(tenancy.router)
+    app.include_router(purposes.router)
+    app.include_router(preferences.router)
+    # Before the widgets router: /widgets/deployments must not match /widgets/{widget_id}.
+    app.include_router(deployments.router)
+    app.include_router(widgets.router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,90 @@
+"""Errors in the Didomi (Feathers) shape: {code, name, className, message, errors}."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+ERROR_NAMES: dict[int, tuple[str, str]] = {
+    400: ("BadRequest", "bad-request"),
+    401: ("NotAuthenticated", "not-authenticated"),
+    403: ("Forbidden", "forbidden"),
+    404: ("NotFound", "not-found"),
+    405: ("MethodNotAllowed", "method-not-allowed"),
+    409: ("Conflict", "conflict"),
+    413: ("PayloadTooLarge", "payload-too-large"),
+    415: ("UnsupportedMediaType", "unsupported-media-type"),
+    422: ("Unprocessable", "unprocessable"),
+    500: ("GeneralError", "general-error"),
+    503: ("Unavailable", "unavailable"),
+}
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, message: str, errors: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.errors = code, message, errors or {}
+
+
+def bad_request(message: str, errors: dict[str, Any] | None = None) -> ApiError:
+    return ApiError(400, message, errors)
+
+
+def not_found(what: str, ident: str) -> ApiError:
+    return ApiError(404, f"No {what} found for id '{ident}'")
+
+
+def error_body(code: int, message: str, errors: dict[str, Any] | None = None) -> dict[str, Any]:
+    name, class_name = ERROR_NAMES.get(code, ("GeneralError", "general-error"))
+    return {
+        "code": code,
+        "name": name,
+        "className": class_name,
+        "message": message,
+        "errors": errors or {},
+    }
+
+
+def _response(code: int, message: str, errors: dict[str, Any] | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
+    return JSONResponse(error_body(code, message, errors), status_code=code, headers=headers)
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    # ("body", "values", 0, "name") -> "values.0.name"; the request part is dropped.
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _response(exc.code, exc.message, exc.errors)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors: dict[str, str] = {}
+        for err in exc.errors():
+            msg = str(err.get("msg", "invalid"))
+            if err.get("type") == "extra_forbidden":
+                msg = "unknown field"
+            errors.setdefault(_field_name(tuple(err.get("loc", ()))), msg)
+        summary = "; ".join(f"{k}: {v}" for k, v in errors.items())
+        return _response(400, f"Invalid request: {summary}", errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The API boundary: log the traceback, never leak it to the client.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _response(500, "Internal server error")

@@ -1,0 +1,103 @@
+"""Didomi list queries: ``$limit``, ``$skip``, ``$sort[field]=1|-1`` and equality filters."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from sqlalchemy import asc, desc
+from sqlmodel import SQLModel, col, func, select
+from sqlmodel.sql.expression import SelectOfScalar
+
+from api_stub.errors import bad_request
+from worker.ids import is_safe_id
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+SORTABLE = ("created_at", "updated_at")
+_SORT_PARAM = re.compile(r"\$sort\[([^\]]*)\]")
+# Parameters every organization route takes; not filters.
+_ROUTING_PARAMS = frozenset({"organization_id"})
+M = TypeVar("M", bound=SQLModel)
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    limit: int = DEFAULT_LIMIT
+    skip: int = 0
+    sort: tuple[tuple[str, int], ...] = ()
+    filters: Mapping[str, str] = field(default_factory=dict)
+
+
+def _non_negative_int(name: str, raw: str, maximum: int | None = None) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise bad_request(f"{name} must be an integer", {name: "not an integer"}) from None
+    if value < 0:
+        raise bad_request(f"{name} must not be negative", {name: "negative"})
+    if maximum is not None and value > maximum:
+        raise bad_request(f"{name} must be at most {maximum}", {name: f"above {maximum}"})
+    return value
+
+
+def parse_list_query(params: Sequence[tuple[str, str]], filters: Sequence[str]) -> ListQuery:
+    """Parse and validate; anything unknown is a 400 naming the parameter."""
+    limit, skip = DEFAULT_LIMIT, 0
+    sort: list[tuple[str, int]] = []
+    found: dict[str, str] = {}
+    for name, raw in params:
+        if name == "$limit":
+            limit = _non_negative_int(name, raw, MAX_LIMIT)
+        elif name == "$skip":
+            skip = _non_negative_int(name, raw)
+        elif m := _SORT_PARAM.fullmatch(name):
+            key = m.group(1)
+            if key not in SORTABLE:
+                raise bad_request(
+                    f"cannot sort on '{key}'; sortable fields: {', '.join(SORTABLE)}",
+                    {name: "unknown sort field"},
+                )
+            if raw not in ("1", "-1"):
+                raise bad_request(f"{name} must be 1 or -1", {name: "must be 1 or -1"})
+            sort.append((key, int(raw)))
+        elif name in filters:
+            if not is_safe_id(raw):
+                raise bad_request(f"{name} is not a valid id", {name: "invalid id"})
+            found[name] = raw
+        elif name not in _ROUTING_PARAMS:
+            raise bad_request(f"unknown query parameter '{name}'", {name: "unknown parameter"})
+    return ListQuery(limit=limit, skip=skip, sort=tuple(sort), filters=found)
+
+
+def list_query(*filters: str) -> Callable[[Request], ListQuery]:
+    """A FastAPI dependency parsing the list query of a route with these equality filters."""
+
+    def dependency(request: Request) -> ListQuery:
+        return parse_list_query(list(request.query_params.multi_items()), filters)
+
+    return dependency
+
+
+def apply_list_query(
+    stmt: SelectOfScalar[M], model: type[M], query: ListQuery
+) -> SelectOfScalar[M]:
+    for name, value in query.filters.items():
+        stmt = stmt.where(col(getattr(model, name)) == value)
+    order: list[Any] = [
+        (asc if direction == 1 else desc)(col(getattr(model, key))) for key, direction in query.sort
+    ]
+    # Default oldest first (creation order); the id tie-break keeps pages stable when
+    # timestamps collide.
+    created_at, ident = "created_at", "id"
+    if not order:
+        order.append(asc(col(getattr(model, created_at))))
+    order.append(asc(col(getattr(model, ident))))
+    return stmt.order_by(*order).offset(query.skip).limit(query.limit)
+
+
+def count_of(stmt: SelectOfScalar[M]) -> SelectOfScalar[int]:
+    return select(func.count()).select_from(stmt.order_by(None).subquery())

@@ -1,0 +1,73 @@
+"""``/widgets/deployments``: enqueue a deploy (202), list (plain array), get."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response, status
+from sqlmodel import Session, select
+
+from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
+from api_stub.errors import ApiError, not_found
+from api_stub.query import ListQuery, apply_list_query, list_query
+from api_stub.routes.widgets import get_live_widget
+from api_stub.schemas.widgets import DeploymentCreate, DeploymentPublic
+from worker import producer
+from worker.models import Deployment, Organization, utcnow
+
+router = APIRouter(prefix="/widgets/deployments", tags=["deployments"])
+
+
+def _get(session: Session, org: Organization, ident: str) -> Deployment:
+    require_safe_path_id(ident)
+    dep = session.get(Deployment, ident)
+    if dep is None or dep.organization_id != org.id:
+        raise not_found("deployment", ident)
+    return dep
+
+
+def _accepted(request: Request, response: Response, dep: Deployment) -> DeploymentPublic:
+    url = request.url_for("get_deployment", deployment_id=dep.id)
+    response.headers["Location"] = f"{url.path}?organization_id={dep.organization_id}"
+    return DeploymentPublic.model_validate(dep)
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED)
+def create_deployment(
+    body: DeploymentCreate,
+    org: OrgDep,
+    session: SessionDep,
+    request: Request,
+    response: Response,
+) -> DeploymentPublic:
+    """Accept a deploy: the row is committed (``ready``), then the job is sent to the workers."""
+    if body.deployment_id is not None:
+        existing = session.exec(
+            select(Deployment).where(Deployment.deployment_id == body.deployment_id)
+        ).first()
+        if existing is not None:
+            if existing.organization_id != org.id or existing.widget_id != body.widget_id:
+                raise ApiError(409, f"deployment_id {body.deployment_id} is already used")
+            return _accepted(request, response, existing)  # same request again: no new job
+    widget = get_live_widget(session, org, body.widget_id)
+    dep = Deployment(organization_id=org.id, widget_id=widget.id, enqueued_at=utcnow())
+    if body.deployment_id is not None:
+        dep.deployment_id = body.deployment_id
+    session.add(dep)
+    session.commit()
+    producer.send_deploy(org.id, widget.id, dep.deployment_id)
+    return _accepted(request, response, dep)
+
+
+@router.get("")
+def list_deployments(
+    org: OrgDep, session: SessionDep, query: Annotated[ListQuery, Depends(list_query("widget_id"))]
+) -> list[DeploymentPublic]:
+    stmt = select(Deployment).where(Deployment.organization_id == org.id)
+    rows = session.exec(apply_list_query(stmt, Deployment, query)).all()
+    return [DeploymentPublic.model_validate(d) for d in rows]
+
+
+@router.get("/{deployment_id}", name="get_deployment")
+def get_deployment(deployment_id: str, org: OrgDep, session: SessionDep) -> DeploymentPublic:
+    return DeploymentPublic.model_validate(_get(session, org, deployment_id))

@@ -1,0 +1,153 @@
+"""``/preferences`` with their values: create, list, get, patch, delete."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, status
+from sqlmodel import Session, col, select
+
+from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
+from api_stub.errors import bad_request, not_found
+from api_stub.query import ListQuery, apply_list_query, count_of, list_query
+from api_stub.schemas.catalog import (
+    PreferenceCreate,
+    PreferencePublic,
+    PreferenceUpdate,
+    PreferenceValueIn,
+    PreferenceValuePublic,
+)
+from api_stub.schemas.common import Page
+from worker.models import Organization, Preference, PreferenceValue, utcnow
+
+router = APIRouter(prefix="/preferences", tags=["preferences"])
+
+
+def _values(session: Session, preference_ids: Sequence[str]) -> dict[str, list[PreferenceValue]]:
+    rows = session.exec(
+        select(PreferenceValue)
+        .where(col(PreferenceValue.preference_id).in_(list(preference_ids)))
+        .order_by(col(PreferenceValue.order), col(PreferenceValue.id))
+    ).all()
+    grouped: dict[str, list[PreferenceValue]] = {}
+    for v in rows:
+        grouped.setdefault(v.preference_id, []).append(v)
+    return grouped
+
+
+def _public(pref: Preference, values: Sequence[PreferenceValue]) -> PreferencePublic:
+    return PreferencePublic(
+        id=pref.id,
+        organization_id=pref.organization_id,
+        name=pref.name,
+        description=pref.description,
+        type=pref.type,
+        metadata=pref.metadata_,
+        values=[PreferenceValuePublic.model_validate(v) for v in values],
+        created_at=pref.created_at,
+        updated_at=pref.updated_at,
+    )
+
+
+def _get(session: Session, org: Organization, preference_id: str) -> Preference:
+    require_safe_path_id(preference_id)
+    pref = session.get(Preference, preference_id)
+    if pref is None or pref.organization_id != org.id:
+        raise not_found("preference", preference_id)
+    return pref
+
+
+def _replace_values(
+    session: Session, pref: Preference, wanted: Sequence[PreferenceValueIn]
+) -> list[PreferenceValue]:
+    """Make the preference's values exactly ``wanted``: keep those named by id, add, remove."""
+    existing = {v.id: v for v in _values(session, [pref.id]).get(pref.id, [])}
+    kept: list[PreferenceValue] = []
+    for position, item in enumerate(wanted):
+        order = item.order if item.order is not None else position
+        if item.id is not None:
+            value = existing.pop(item.id, None)
+            if value is None:
+                raise bad_request(
+                    f"value {item.id} is not a value of this preference",
+                    {f"values.{position}.id": "unknown value"},
+                )
+            value.name, value.metadata_, value.order = item.name, item.metadata, order
+            value.updated_at = utcnow()
+        else:
+            value = PreferenceValue(
+                preference_id=pref.id, name=item.name, metadata_=item.metadata, order=order
+            )
+        session.add(value)
+        kept.append(value)
+    for gone in existing.values():
+        session.delete(gone)
+    return sorted(kept, key=lambda v: (v.order, v.id))
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def create_preference(body: PreferenceCreate, org: OrgDep, session: SessionDep) -> PreferencePublic:
+    if any(v.id is not None for v in body.values):
+        raise bad_request("values of a new preference cannot carry an id", {"values": "id given"})
+    pref = Preference(
+        organization_id=org.id,
+        name=body.name,
+        description=body.description,
+        type=body.type,
+        metadata_=body.metadata,
+    )
+    session.add(pref)
+    values = _replace_values(session, pref, body.values)
+    session.commit()
+    return _public(pref, values)
+
+
+@router.get("")
+def list_preferences(
+    org: OrgDep, session: SessionDep, query: Annotated[ListQuery, Depends(list_query())]
+) -> Page[PreferencePublic]:
+    stmt = select(Preference).where(Preference.organization_id == org.id)
+    total = session.exec(count_of(stmt)).one()
+    rows = session.exec(apply_list_query(stmt, Preference, query)).all()
+    values = _values(session, [p.id for p in rows])
+    data = [_public(p, values.get(p.id, [])) for p in rows]
+    return Page(total=total, limit=query.limit, skip=query.skip, data=data)
+
+
+@router.get("/{preference_id}")
+def get_preference(preference_id: str, org: OrgDep, session: SessionDep) -> PreferencePublic:
+    pref = _get(session, org, preference_id)
+    return _public(pref, _values(session, [pref.id]).get(pref.id, []))
+
+
+@router.patch("/{preference_id}")
+def update_preference(
+    preference_id: str, body: PreferenceUpdate, org: OrgDep, session: SessionDep
+) -> PreferencePublic:
+    pref = _get(session, org, preference_id)
+    for field in ("name", "description", "type"):
+        if (value := getattr(body, field)) is not None:
+            setattr(pref, field, value)
+    if body.metadata is not None:
+        pref.metadata_ = body.metadata
+    pref.updated_at = utcnow()
+    session.add(pref)
+    if body.values is not None:
+        values = _replace_values(session, pref, body.values)
+    else:
+        values = _values(session, [pref.id]).get(pref.id, [])
+    session.commit()
+    return _public(pref, values)
+
+
+@router.delete("/{preference_id}")
+def delete_preference(preference_id: str, org: OrgDep, session: SessionDep) -> PreferencePublic:
+    pref = _get(session, org, preference_id)
+    values = _values(session, [pref.id]).get(pref.id, [])
+    removed = _public(pref, values)
+    for value in values:
+        session.delete(value)
+    session.delete(pref)
+    session.commit()
+    return removed

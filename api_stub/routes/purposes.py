@@ -1,0 +1,73 @@
+"""``/metadata/purposes``: create, list, get, patch, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, status
+from sqlmodel import Session, select
+
+from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
+from api_stub.errors import not_found
+from api_stub.query import ListQuery, apply_list_query, count_of, list_query
+from api_stub.schemas.catalog import PurposeCreate, PurposePublic, PurposeUpdate
+from api_stub.schemas.common import Page
+from worker.models import Organization, Purpose, utcnow
+
+router = APIRouter(prefix="/metadata/purposes", tags=["purposes"])
+
+
+def _get(session: Session, org: Organization, purpose_id: str) -> Purpose:
+    require_safe_path_id(purpose_id)
+    purpose = session.get(Purpose, purpose_id)
+    if purpose is None or purpose.organization_id != org.id:
+        raise not_found("purpose", purpose_id)
+    return purpose
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def create_purpose(body: PurposeCreate, org: OrgDep, session: SessionDep) -> PurposePublic:
+    purpose = Purpose(organization_id=org.id, description=body.description, metadata_=body.metadata)
+    session.add(purpose)
+    session.commit()
+    return PurposePublic.model_validate(purpose)
+
+
+@router.get("")
+def list_purposes(
+    org: OrgDep, session: SessionDep, query: Annotated[ListQuery, Depends(list_query())]
+) -> Page[PurposePublic]:
+    stmt = select(Purpose).where(Purpose.organization_id == org.id)
+    total = session.exec(count_of(stmt)).one()
+    rows = session.exec(apply_list_query(stmt, Purpose, query)).all()
+    data = [PurposePublic.model_validate(p) for p in rows]
+    return Page(total=total, limit=query.limit, skip=query.skip, data=data)
+
+
+@router.get("/{purpose_id}")
+def get_purpose(purpose_id: str, org: OrgDep, session: SessionDep) -> PurposePublic:
+    return PurposePublic.model_validate(_get(session, org, purpose_id))
+
+
+@router.patch("/{purpose_id}")
+def update_purpose(
+    purpose_id: str, body: PurposeUpdate, org: OrgDep, session: SessionDep
+) -> PurposePublic:
+    purpose = _get(session, org, purpose_id)
+    if body.description is not None:
+        purpose.description = body.description
+    if body.metadata is not None:
+        purpose.metadata_ = body.metadata
+    purpose.updated_at = utcnow()
+    session.add(purpose)
+    session.commit()
+    return PurposePublic.model_validate(purpose)
+
+
+@router.delete("/{purpose_id}")
+def delete_purpose(purpose_id: str, org: OrgDep, session: SessionDep) -> PurposePublic:
+    purpose = _get(session, org, purpose_id)
+    removed = PurposePublic.model_validate(purpose)
+    session.delete(purpose)
+    session.commit()
+    return removed

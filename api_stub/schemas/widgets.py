@@ -1,0 +1,120 @@
+"""Widgets, deployments and the tenancy admin bodies."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from api_stub.schemas.common import InputModel, JsonObject, OutputModel, SafeId, Timestamp
+
+WidgetFormat = Literal["embeddable", "hosted"]
+TemplateId = Literal["sections", "sections_and_save", "full_preference_center", "dsar_form"]
+Language = str
+
+
+class WidgetCreate(InputModel):
+    name: str = Field(min_length=1, max_length=255)
+    format: WidgetFormat = "embeddable"
+    template_id: TemplateId = "sections"
+    headless: bool = False
+    layout_shape: str | None = Field(default=None, max_length=64)
+    theme_id: str | None = Field(default=None, max_length=64)
+    enabled_languages: list[Language] = Field(default_factory=lambda: ["en"], max_length=200)
+    default_language: Language = Field(default="en", max_length=16)
+    domain: str | None = Field(default=None, max_length=255)
+    selected_purposes_ids: list[SafeId] = Field(default_factory=list, max_length=1000)
+    selected_preferences_ids: list[SafeId] = Field(default_factory=list, max_length=1000)
+    components: JsonObject = Field(default_factory=dict)
+
+
+class WidgetUpdate(InputModel):
+    name: str | None = Field(default=None, min_length=1, max_length=255)
+    format: WidgetFormat | None = None
+    template_id: TemplateId | None = None
+    headless: bool | None = None
+    layout_shape: str | None = Field(default=None, max_length=64)
+    theme_id: str | None = Field(default=None, max_length=64)
+    enabled_languages: list[Language] | None = Field(default=None, max_length=200)
+    default_language: Language | None = Field(default=None, max_length=16)
+    domain: str | None = Field(default=None, max_length=255)
+    selected_purposes_ids: list[SafeId] | None = Field(default=None, max_length=1000)
+    selected_preferences_ids: list[SafeId] | None = Field(default=None, max_length=1000)
+    components: JsonObject | None = None
+
+
+class WidgetPublic(OutputModel):
+    id: str
+    organization_id: str
+    name: str
+    format: str
+    template_id: str
+    headless: bool
+    layout_shape: str | None
+    theme_id: str | None
+    enabled_languages: list[str]
+    default_language: str
+    domain: str | None
+    last_domain_used: str | None
+    selected_purposes_ids: list[str]
+    selected_preferences_ids: list[str]
+    components: JsonObject
+    publication_status: Literal["draft", "published", "unpublished_changes"]
+    version: int
+    published_version: int | None
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class DeploymentCreate(InputModel):
+    widget_id: SafeId
+    # Optional idempotency key: sending the same one twice returns the first deployment.
+    deployment_id: SafeId | None = None
+
+
+class DeploymentPublic(OutputModel):
+    id: str
+    deployment_id: str
+    organization_id: str
+    widget_id: str
+    config: JsonObject | None
+    status: Literal["ready", "running", "success", "failure"]
+    error: str | None
+    attempts: int
+    widget_version: int | None
+    s3_key: str | None
+    checksum: str | None
+    live_deployment_id: str | None
+    created_at: Timestamp
+    updated_at: Timestamp
+    started_at: Timestamp | None
+    finished_at: Timestamp | None
+
+
+class OrganizationCreate(InputModel):
+    name: str = Field(min_length=1, max_length=255)
+
+
+class OrganizationPublic(OutputModel):
+    id: str
+    name: str
+    api_key: str
+    created_at: Timestamp
+    updated_at: Timestamp
+
+
+class ApiKeyPublic(OutputModel):
+    key: str
+    secret: str
+    organization_id: str
+    created_at: Timestamp
+
+
+class SessionCreate(InputModel):
+    type: Literal["api-key"]
+    key: str = Field(min_length=1, max_length=128)
+    secret: str = Field(min_length=1, max_length=256)
+
+
+class SessionPublic(OutputModel):
+    access_token: str

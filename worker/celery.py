@@ -1,0 +1,99 @@
+"""The Celery application: ``celery -A worker worker|beat|flower``.
+
+Configuration is computed from :func:`worker.settings.get_settings` when Celery first needs it
+(``add_defaults`` with a callable), not at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery, signals
+from kombu.entity import Queue
+
+from worker import constants as c
+from worker.settings import ConfigurationError, Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    transport_options = {"visibility_timeout": c.VISIBILITY_TIMEOUT}
+    return {
+        "broker_url": str(settings.celery_broker_url),
+        "result_backend": settings.celery_result_backend,
+        "task_ignore_result": settings.celery_result_backend is None,
+        # The visibility timeout is read from each of these, depending on the code path.
+        "broker_transport_options": transport_options,
+        "result_backend_transport_options": transport_options,
+        "broker_connection_retry_on_startup": True,
+        # JSON only: no pickle, so no code execution from a forged message.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "event_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # At-least-once: acknowledge after the task ran; a lost worker means redelivery.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": c.TASK_TIME_LIMIT,
+        "task_soft_time_limit": c.TASK_SOFT_TIME_LIMIT,
+        "task_queues": [Queue(name, routing_key=name) for name in c.QUEUES],
+        "task_default_queue": c.DEPLOY_QUEUE,
+        "task_routes": c.TASK_ROUTES,
+        "task_track_started": True,
+        # Events for Flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": {
+            "cleanup-drafts": {
+                "task": c.CLEANUP_TASK,
+                "schedule": timedelta(seconds=settings.cleanup_schedule_seconds),
+                "options": {"expires": settings.cleanup_schedule_seconds / 2},
+            },
+            "reconcile": {
+                "task": c.RECONCILE_TASK,
+                "schedule": timedelta(seconds=settings.reconcile_schedule_seconds),
+                "options": {"expires": settings.reconcile_schedule_seconds},
+            },
+        },
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def _load_config() -> dict[str, Any]:
+    try:
+        return celery_config(get_settings())
+    except ConfigurationError as exc:
+        # One clear line instead of a traceback from deep inside Celery's start-up.
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+app = Celery("worker", include=["worker.tasks.deploy"])
+app.add_defaults(_load_config)
+
+
+@signals.worker_process_init.connect
+def _init_process_resources(**_: Any) -> None:
+    """After fork: this child's own DB engine and S3 client (never the parent's)."""
+    from worker.db import get_engine
+    from worker.s3 import get_store
+
+    get_engine()
+    get_store()
+
+
+@signals.worker_process_shutdown.connect
+def _close_process_resources(**_: Any) -> None:
+    from worker.db import reset_engine
+    from worker.s3 import close_store
+
+    close_store()
+    reset_engine()

@@ -1,0 +1,32 @@
+"""Task names, queues and the timing budget the delivery guarantees are built from."""
+
+from __future__ import annotations
+
+DEPLOY_TASK = "widgets.deploy"
+ARCHIVE_TASK = "widgets.archive"
+CLEANUP_TASK = "widgets.cleanup_drafts"
+RECONCILE_TASK = "widgets.reconcile"
+
+DEPLOY_QUEUE = "deployments"
+ARCHIVE_QUEUE = "archives"
+MAINTENANCE_QUEUE = "maintenance"
+QUEUES = (DEPLOY_QUEUE, ARCHIVE_QUEUE, MAINTENANCE_QUEUE)
+
+TASK_ROUTES = {
+    DEPLOY_TASK: {"queue": DEPLOY_QUEUE},
+    ARCHIVE_TASK: {"queue": ARCHIVE_QUEUE},
+    CLEANUP_TASK: {"queue": MAINTENANCE_QUEUE},
+    RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE},
+}
+
+# A task is soft-interrupted (and retried) after SOFT, killed after HARD seconds.
+TASK_SOFT_TIME_LIMIT = 100
+TASK_TIME_LIMIT = 120
+# Celery retries for S3 outages that outlast botocore's own quick retries.
+RETRY_BACKOFF_SECONDS = 2
+RETRY_BACKOFF_MAX_SECONDS = 300
+MAX_RETRIES = 8
+# An unacknowledged message is redelivered after this long. It must exceed the time limit plus
+# the longest retry countdown (ETA messages stay unacknowledged while they wait), else a healthy
+# task would be delivered twice.
+VISIBILITY_TIMEOUT = TASK_TIME_LIMIT + RETRY_BACKOFF_MAX_SECONDS + 180

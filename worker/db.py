@@ -1,0 +1,88 @@
+"""Database engine (one per process, created lazily after fork) and unit-of-work sessions."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Engine, make_url
+from sqlmodel import Session, create_engine
+
+from worker.settings import get_settings
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+_lock = threading.Lock()
+_engine: Engine | None = None
+_engine_pid: int | None = None
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    """WAL, foreign keys, a busy timeout, and write-intent transactions.
+
+    pysqlite's own BEGIN is deferred: a transaction that reads and then writes can fail with
+    "database is locked" without waiting. Taking the write lock at BEGIN (IMMEDIATE) makes
+    concurrent workers queue behind each other instead (SQLAlchemy's documented recipe).
+    """
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def build_engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def get_engine() -> Engine:
+    """This process's engine. A child forked from a parent that had one builds its own."""
+    global _engine, _engine_pid
+    with _lock:
+        if _engine is None or _engine_pid != os.getpid():
+            if _engine is not None:
+                # Inherited across fork: drop the parent's pooled sockets without closing them.
+                _engine.dispose(close=False)
+            _engine = build_engine(get_settings().sqlalchemy_url)
+            _engine_pid = os.getpid()
+        return _engine
+
+
+def reset_engine() -> None:
+    """Forget the engine (tests that switch DATABASE_URL, worker shutdown)."""
+    global _engine, _engine_pid
+    with _lock:
+        if _engine is not None and _engine_pid == os.getpid():
+            _engine.dispose()
+        _engine, _engine_pid = None, None
+
+
+def is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
+@contextmanager
+def unit_of_work() -> Iterator[Session]:
+    """One transaction: commits once at the end, rolls back on any error."""
+    with Session(get_engine(), expire_on_commit=False) as session, session.begin():
+        yield session

@@ -1,0 +1,84 @@
+"""Job records: deployments, archive jobs, and the archived copies of widgets."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import Index
+from sqlmodel import Field, SQLModel
+
+from worker.ids import new_id
+from worker.models.types import PortableJSON, UTCDateTime, utcnow
+
+JobStatus = Literal["ready", "running", "success", "failure"]
+FINAL_STATUSES: frozenset[str] = frozenset({"success", "failure"})
+
+
+class Deployment(SQLModel, table=True):
+    """One request to publish a widget. Never deleted: it keeps the frozen configuration.
+
+    ``deployment_id`` is the idempotency key (a producer may pick it); it is also written into
+    the published file. ``live_deployment_id`` says which deployment's file was live when this
+    one finished (itself, or the one that overtook it or already had the same content).
+    """
+
+    __tablename__ = "deployments"
+    __table_args__ = (
+        Index("ix_deployments_org_widget_created", "organization_id", "widget_id", "created_at"),
+    )
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    deployment_id: str = Field(default_factory=new_id, unique=True, max_length=64)
+    organization_id: str = Field(foreign_key="organizations.id", index=True, max_length=64)
+    # Deliberately no foreign key: deployments outlive their widget.
+    widget_id: str = Field(max_length=64)
+    config: dict[str, Any] | None = Field(default=None, sa_type=PortableJSON)
+    status: str = Field(default="ready", max_length=16, index=True)
+    error: str | None = None
+    attempts: int = 0
+    widget_version: int | None = None
+    s3_key: str | None = Field(default=None, max_length=512)
+    checksum: str | None = Field(default=None, max_length=64)
+    content_checksum: str | None = Field(default=None, max_length=64)
+    live_deployment_id: str | None = Field(default=None, max_length=64)
+    enqueued_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ArchiveJob(SQLModel, table=True):
+    """One request to archive a widget; ``result`` is ``deleted`` (draft) or ``archived``."""
+
+    __tablename__ = "archive_jobs"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    organization_id: str = Field(foreign_key="organizations.id", index=True, max_length=64)
+    widget_id: str = Field(max_length=64, index=True)
+    status: str = Field(default="ready", max_length=16, index=True)
+    result: str | None = Field(default=None, max_length=16)
+    error: str | None = None
+    attempts: int = 0
+    enqueued_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class ArchivedWidget(SQLModel, table=True):
+    """What is kept of a published widget once archived (the Didomi ``archived_widgets`` shape)."""
+
+    __tablename__ = "archived_widgets"
+
+    id: str = Field(primary_key=True, max_length=64)  # the widget's id
+    organization_id: str = Field(foreign_key="organizations.id", index=True, max_length=64)
+    name: str = Field(max_length=255)
+    format: str = Field(max_length=32)
+    template_id: str = Field(max_length=64)
+    last_domain_used: str | None = Field(default=None, max_length=255)
+    widget_created_at: datetime = Field(sa_type=UTCDateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -1,0 +1,88 @@
+"""Widgets and their uploaded assets."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from sqlalchemy import Column, ForeignKey, String
+from sqlmodel import Field, SQLModel
+
+from worker.ids import new_id
+from worker.models.types import PortableJSON, UTCDateTime, utcnow
+
+WIDGET_FORMATS = ("embeddable", "hosted")
+WIDGET_TEMPLATES = ("sections", "sections_and_save", "full_preference_center", "dsar_form")
+PublicationStatus = Literal["draft", "published", "unpublished_changes"]
+
+
+class Widget(SQLModel, table=True):
+    """An editable widget.
+
+    ``version`` counts content edits; ``published_version`` is the version of the last successful
+    deployment. The publication status is derived from the two, never stored on its own.
+    """
+
+    __tablename__ = "widgets"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    organization_id: str = Field(foreign_key="organizations.id", index=True, max_length=64)
+    name: str = Field(max_length=255)
+    format: str = Field(default="embeddable", max_length=32)
+    template_id: str = Field(default="sections", max_length=64)
+    headless: bool = False
+    layout_shape: str | None = Field(default=None, max_length=64)
+    theme_id: str | None = Field(default=None, max_length=64)
+    enabled_languages: list[str] = Field(default_factory=lambda: ["en"], sa_type=PortableJSON)
+    default_language: str = Field(default="en", max_length=16)
+    domain: str | None = Field(default=None, max_length=255)
+    last_domain_used: str | None = Field(default=None, max_length=255)
+    selected_purposes_ids: list[str] = Field(default_factory=list, sa_type=PortableJSON)
+    selected_preferences_ids: list[str] = Field(default_factory=list, sa_type=PortableJSON)
+    components: dict[str, Any] = Field(default_factory=dict, sa_type=PortableJSON)
+
+    version: int = 1
+    published_version: int | None = None
+    live_deployment_id: str | None = Field(default=None, max_length=64)
+    archived_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+    @property
+    def publication_status(self) -> PublicationStatus:
+        if self.published_version is None:
+            return "draft"
+        if self.published_version >= self.version:
+            return "published"
+        return "unpublished_changes"
+
+    @property
+    def is_archived(self) -> bool:
+        return self.archived_at is not None
+
+    def touch_content(self) -> None:
+        """Record an edit: a new content version, so a published widget has unpublished changes."""
+        self.version += 1
+        self.updated_at = utcnow()
+
+
+class WidgetAsset(SQLModel, table=True):
+    """A file uploaded for a widget (image, favicon), stored on S3 under ``assets/``."""
+
+    __tablename__ = "widget_assets"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    organization_id: str = Field(foreign_key="organizations.id", index=True, max_length=64)
+    widget_id: str = Field(
+        sa_column=Column(
+            String(64), ForeignKey("widgets.id", ondelete="CASCADE"), index=True, nullable=False
+        )
+    )
+    filename: str = Field(max_length=255)
+    content_type: str = Field(max_length=128)
+    size: int
+    s3_key: str = Field(max_length=512)
+    checksum: str = Field(max_length=64)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

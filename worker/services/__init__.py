@@ -1,0 +1,1 @@
+"""Plain business functions the Celery tasks call; no Celery imports here."""

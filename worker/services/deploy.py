@@ -1,0 +1,203 @@
+"""Deploying a widget: freeze its snapshot, publish it on S3, record the outcome.
+
+A deployment runs in two units of work, both holding the widget's row lock:
+
+1. *claim*: find (or, for a producer that bypassed the API, create) the deployment row, return
+   early if it is already final, freeze the snapshot once (a retry publishes the same bytes),
+   count the attempt and mark it ``running``. Committed before any S3 call, so a crash after it
+   is visible and the attempt counts towards the cap.
+2. *publish*: re-check under the lock, then either write the container file or, if a newer
+   deployment is live or the live file already has this content, finish without writing. The
+   lock is held across the upload so two deploys of one widget never interleave their writes
+   and an archive cannot slip in between the upload and the commit.
+
+Every path either ends in ``success``/``failure`` or raises (the task layer retries or records
+the failure through :func:`record_failure`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session, select
+
+from worker.db import unit_of_work
+from worker.ids import require_safe_id
+from worker.models import FINAL_STATUSES, Deployment, Organization, Widget, utcnow
+from worker.s3 import S3Store
+from worker.services.locking import lock_widget
+from worker.services.snapshot import (
+    build_snapshot,
+    canonical_json,
+    container_key,
+    content_checksum,
+    sha256_hex,
+)
+
+# Attempts (first run + Celery retries + redeliveries after a lost worker) before giving up:
+# a poison message ends ``failure`` instead of looping forever.
+MAX_ATTEMPTS = 12
+
+
+class InvalidJobError(ValueError):
+    """The message itself is wrong (unsafe IDs, unknown organization, IDs that do not match)."""
+
+
+@dataclass(frozen=True)
+class DeployOutcome:
+    deployment_id: str
+    status: str
+    published: bool
+    live_deployment_id: str | None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _outcome(dep: Deployment, published: bool = False) -> DeployOutcome:
+    return DeployOutcome(
+        dep.deployment_id, dep.status, published, dep.live_deployment_id, dep.error
+    )
+
+
+def _finish(dep: Deployment, status: str, error: str | None = None) -> None:
+    """The one place a deployment becomes final."""
+    now = utcnow()
+    dep.status, dep.error, dep.finished_at, dep.updated_at = status, error, now, now
+
+
+def _find(session: Session, deployment_id: str) -> Deployment | None:
+    stmt = select(Deployment).where(Deployment.deployment_id == deployment_id)
+    return session.exec(stmt.execution_options(populate_existing=True)).first()
+
+
+def _widget_gone_reason(widget: Widget | None) -> str | None:
+    if widget is None:
+        return "widget not found (deleted, or not a widget of this organization)"
+    if widget.is_archived:
+        return "widget archived: deployments of an archived widget are not published"
+    return None
+
+
+def validate_job_ids(organization_id: object, widget_id: object, deployment_id: object) -> None:
+    require_safe_id(organization_id, "organization_id")
+    require_safe_id(widget_id, "widget_id")
+    require_safe_id(deployment_id, "deployment_id")
+
+
+def _claim(organization_id: str, widget_id: str, deployment_id: str) -> DeployOutcome | None:
+    """Unit of work 1. Returns an outcome when the deployment is (now) final, else None."""
+    with unit_of_work() as session:
+        org = session.get(Organization, organization_id)
+        if org is None:
+            raise InvalidJobError(f"unknown organization {organization_id}")
+        widget = lock_widget(session, organization_id, widget_id)
+        dep = _find(session, deployment_id)
+        if dep is None:  # sent by a producer that did not go through the API
+            dep = Deployment(
+                deployment_id=deployment_id,
+                organization_id=organization_id,
+                widget_id=widget_id,
+                enqueued_at=utcnow(),
+            )
+            session.add(dep)
+        elif dep.organization_id != organization_id or dep.widget_id != widget_id:
+            raise InvalidJobError(
+                f"deployment {deployment_id} belongs to another organization or widget"
+            )
+        if dep.status in FINAL_STATUSES:
+            return _outcome(dep)
+        gone = _widget_gone_reason(widget)
+        if gone is not None:
+            _finish(dep, "failure", gone)
+            return _outcome(dep)
+        assert widget is not None
+        if dep.attempts >= MAX_ATTEMPTS:
+            _finish(dep, "failure", f"gave up after {dep.attempts} attempts: {dep.error or ''}")
+            return _outcome(dep)
+        if dep.config is None:
+            dep.config = build_snapshot(session, widget, deployment_id)
+            dep.widget_version = widget.version
+            dep.content_checksum = content_checksum(dep.config)
+            dep.s3_key = container_key(org.api_key, widget.id)
+        dep.attempts += 1
+        dep.status, dep.started_at, dep.updated_at = "running", utcnow(), utcnow()
+        return None
+
+
+def _publish(deployment_id: str, store: Callable[[], S3Store]) -> DeployOutcome:
+    """Unit of work 2, widget locked across the upload."""
+    with unit_of_work() as session:
+        dep = _find(session, deployment_id)
+        assert dep is not None
+        if dep.status in FINAL_STATUSES:
+            return _outcome(dep)
+        assert dep.config is not None and dep.widget_version is not None
+        widget = lock_widget(session, dep.organization_id, dep.widget_id)
+        gone = _widget_gone_reason(widget)
+        if gone is not None:
+            _finish(dep, "failure", gone)
+            return _outcome(dep)
+        assert widget is not None
+        live = _find(session, widget.live_deployment_id) if widget.live_deployment_id else None
+        if widget.published_version is not None and widget.published_version > dep.widget_version:
+            # Overtaken: a newer deployment is live. Writing would put an older snapshot back.
+            dep.live_deployment_id = widget.live_deployment_id
+            _finish(dep, "success")
+            return _outcome(dep)
+        if live is not None and live.content_checksum == dep.content_checksum:
+            # Same content is already on S3: nothing to rewrite, but the widget is now up to date.
+            widget.published_version = max(widget.published_version or 0, dep.widget_version)
+            dep.live_deployment_id = live.deployment_id
+            _finish(dep, "success")
+            return _outcome(dep)
+        body = canonical_json(dep.config)
+        dep.checksum = sha256_hex(body)
+        assert dep.s3_key is not None
+        store().put_json(
+            dep.s3_key,
+            body,
+            metadata={"deployment-id": dep.deployment_id, "sha256": dep.checksum},
+        )
+        widget.published_version = dep.widget_version
+        widget.live_deployment_id = dep.deployment_id
+        dep.live_deployment_id = dep.deployment_id
+        _finish(dep, "success")
+        return _outcome(dep, published=True)
+
+
+def run_deployment(
+    organization_id: str, widget_id: str, deployment_id: str, store: Callable[[], S3Store]
+) -> DeployOutcome:
+    """Run one delivery of a deploy job; safe to call any number of times for one deployment."""
+    validate_job_ids(organization_id, widget_id, deployment_id)
+    try:
+        claimed = _claim(organization_id, widget_id, deployment_id)
+    except IntegrityError:
+        # Two deliveries of a producer-created job raced to insert the row: the other one won.
+        claimed = None
+    return claimed if claimed is not None else _publish(deployment_id, store)
+
+
+def note_retry(deployment_id: str, error: str) -> None:
+    """A transient failure will be retried: back to ``ready``, with the reason, until then."""
+    with unit_of_work() as session:
+        dep = _find(session, deployment_id)
+        if dep is not None and dep.status not in FINAL_STATUSES:
+            dep.status, dep.error, dep.enqueued_at = "ready", f"retrying: {error}", utcnow()
+            dep.updated_at = utcnow()
+
+
+def record_failure(organization_id: str, widget_id: str, deployment_id: str, error: str) -> None:
+    """Out of retries or failed permanently: ``failure``; the widget's status is left as it was."""
+    with unit_of_work() as session:
+        dep = _find(session, deployment_id)
+        if dep is None or dep.status in FINAL_STATUSES:
+            return
+        if dep.organization_id != organization_id or dep.widget_id != widget_id:
+            return  # a forged message must not fail somebody else's deployment
+        _finish(dep, "failure", error)

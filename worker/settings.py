@@ -1,0 +1,101 @@
+"""Process configuration, read from the environment by pydantic-settings.
+
+Nothing here runs at import time: call :func:`get_settings` (cached) where a value is needed,
+so tests and the embedded stack can set the environment first.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AnyUrl, Field, RedisDsn, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SQLITE_PATH = Path("var") / "widgets.db"
+DEV_SECRET_KEY = "dev-only-secret-key-change-me"  # noqa: S105 - accepted only when APP_ENV=development
+DEV_ADMIN_TOKEN = "dev-admin-token"  # noqa: S105 - accepted only when APP_ENV=development
+
+
+class Settings(BaseSettings):
+    """Every knob of the service; field names are the environment variables."""
+
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    app_env: Literal["production", "development"] = "production"
+    database_url: str = Field(default_factory=lambda: f"sqlite:///{DEFAULT_SQLITE_PATH}")
+    celery_broker_url: RedisDsn = RedisDsn("redis://127.0.0.1:6379/0")
+    celery_result_backend: str | None = None
+
+    s3_endpoint_url: AnyUrl | None = None
+    s3_bucket: str = "widgets"
+    aws_region: str = "us-east-1"
+    aws_access_key_id: SecretStr | None = None
+    aws_secret_access_key: SecretStr | None = None
+    s3_cache_control: str = "public, max-age=60"
+    s3_max_attempts: int = Field(default=4, ge=1, le=20)
+    s3_connect_timeout: float = Field(default=5.0, gt=0)
+    s3_read_timeout: float = Field(default=20.0, gt=0)
+
+    draft_retention_days: int = Field(default=30, ge=1)
+    cleanup_batch_size: int = Field(default=100, ge=1, le=10_000)
+    cleanup_schedule_seconds: float = Field(default=24 * 3600, gt=0)
+    reconcile_schedule_seconds: float = Field(default=60, gt=0)
+
+    secret_key: SecretStr | None = None
+    admin_token: SecretStr | None = None
+    flower_basic_auth: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _production_needs_secrets(self) -> Settings:
+        if self.app_env == "production":
+            missing = [
+                name.upper()
+                for name in ("secret_key", "admin_token", "flower_basic_auth")
+                if getattr(self, name) is None
+            ]
+            if missing:
+                raise ValueError(f"{', '.join(missing)} must be set when APP_ENV=production")
+        if not self.database_url.startswith(("sqlite", "postgres")):
+            raise ValueError("DATABASE_URL must be a sqlite:// or postgresql:// URL")
+        return self
+
+    @property
+    def is_development(self) -> bool:
+        return self.app_env == "development"
+
+    @property
+    def signing_key(self) -> str:
+        """Key that signs session tokens (a fixed dev key only outside production)."""
+        return self.secret_key.get_secret_value() if self.secret_key else DEV_SECRET_KEY
+
+    @property
+    def admin_bearer(self) -> str:
+        return self.admin_token.get_secret_value() if self.admin_token else DEV_ADMIN_TOKEN
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """DATABASE_URL with the driver SQLAlchemy should use (psycopg 3 for PostgreSQL)."""
+        url = self.database_url
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+
+class ConfigurationError(RuntimeError):
+    """Configuration is missing or invalid; the message is one line, fit for a start-up log."""
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            (f"{'.'.join(str(p) for p in err['loc']).upper()}: " if err["loc"] else "")
+            + err["msg"].removeprefix("Value error, ")
+            for err in exc.errors()
+        )
+        raise ConfigurationError(f"invalid configuration: {problems}") from None

@@ -1,0 +1,1 @@
+"""Celery tasks: thin wrappers that take IDs and call :mod:`worker.services`."""

@@ -1,0 +1,49 @@
+"""A task base that records a job's final failure in its row: the one place failures are written."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from billiard.einfo import ExceptionInfo
+from celery import Task
+
+log = logging.getLogger(__name__)
+
+
+def readable(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."
+
+
+class JobTask(Task):  # type: ignore[misc]
+    """Subclasses implement ``record_failure`` and ``record_retry`` for their job kind."""
+
+    abstract = True
+
+    def record_failure(self, kwargs: dict[str, Any], error: str) -> None:
+        raise NotImplementedError
+
+    def record_retry(self, kwargs: dict[str, Any], error: str) -> None:
+        raise NotImplementedError
+
+    def on_failure(
+        self,
+        exc: Exception,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        log.warning("%s %s failed: %s", self.name, task_id, readable(exc))
+        self.record_failure(kwargs, readable(exc))
+
+    def on_retry(
+        self,
+        exc: Exception,
+        task_id: str,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        einfo: ExceptionInfo,
+    ) -> None:
+        self.record_retry(kwargs, readable(exc))
