@@ -127,6 +127,26 @@ class S3Store:
             f"put {key}",
         )
 
+    def get_bytes(self, key: str) -> bytes:
+        async def read() -> bytes:
+            obj = await self._client.get_object(Bucket=self.bucket, Key=key)
+            async with obj["Body"] as stream:
+                data: bytes = await stream.read()
+            return data
+
+        return self._run(read(), f"get {key}")
+
+    def ensure_bucket(self) -> None:
+        """Create the bucket if missing (embedded dev stack and tests; production provisions it)."""
+
+        async def create() -> None:
+            try:
+                await self._client.head_bucket(Bucket=self.bucket)
+            except ClientError:
+                await self._client.create_bucket(Bucket=self.bucket)
+
+        self._run(create(), f"create bucket {self.bucket}")
+
     def delete(self, key: str) -> None:
         """Delete one object; deleting one that is already gone is a success (idempotent)."""
         self._run(self._client.delete_object(Bucket=self.bucket, Key=key), f"delete {key}")

