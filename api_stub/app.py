@@ -8,7 +8,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api_stub.errors import install_error_handlers
-from api_stub.routes import deployments, health, preferences, purposes, tenancy, widgets
+from api_stub.routes import (
+    archive,
+    assets,
+    deployments,
+    health,
+    preferences,
+    purposes,
+    tenancy,
+    widgets,
+)
 from worker.db import get_engine, reset_engine
 from worker.settings import get_settings
 
@@ -33,8 +42,11 @@ def create_app() -> FastAPI:
     app.include_router(tenancy.router)
     app.include_router(purposes.router)
     app.include_router(preferences.router)
-    # Before the widgets router: /widgets/deployments must not match /widgets/{widget_id}.
+    # Before the widgets router: /widgets/deployments, /widgets/archived... must not match
+    # /widgets/{widget_id}.
     app.include_router(deployments.router)
+    app.include_router(archive.router)
+    app.include_router(assets.router)
     app.include_router(widgets.router)
     return app
 

@@ -83,10 +83,14 @@ def list_query(*filters: str) -> Callable[[Request], ListQuery]:
 
 
 def apply_list_query(
-    stmt: SelectOfScalar[M], model: type[M], query: ListQuery
+    stmt: SelectOfScalar[M],
+    model: type[M],
+    query: ListQuery,
+    columns: Mapping[str, str] | None = None,
 ) -> SelectOfScalar[M]:
+    """Filter, sort and page ``stmt``; ``columns`` maps a filter name to another column."""
     for name, value in query.filters.items():
-        stmt = stmt.where(col(getattr(model, name)) == value)
+        stmt = stmt.where(col(getattr(model, (columns or {}).get(name, name))) == value)
     order: list[Any] = [
         (asc if direction == 1 else desc)(col(getattr(model, key))) for key, direction in query.sort
     ]

@@ -76,7 +76,7 @@ def _load_config() -> dict[str, Any]:
         raise SystemExit(2) from None
 
 
-app = Celery("worker", include=["worker.tasks.deploy"])
+app = Celery("worker", include=["worker.tasks.deploy", "worker.tasks.archive"])
 app.add_defaults(_load_config)
 
 

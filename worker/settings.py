@@ -14,7 +14,7 @@ from pydantic import AnyUrl, Field, RedisDsn, SecretStr, ValidationError, model_
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_SQLITE_PATH = Path("var") / "widgets.db"
-DEV_SECRET_KEY = "dev-only-secret-key-change-me"  # noqa: S105 - accepted only when APP_ENV=development
+DEV_SECRET_KEY = "dev-only-secret-key-never-use-in-production"  # noqa: S105 - accepted only when APP_ENV=development
 DEV_ADMIN_TOKEN = "dev-admin-token"  # noqa: S105 - accepted only when APP_ENV=development
 
 

@@ -1,0 +1,118 @@
+"""``/widgets/{id}/assets``: images and favicons stored on S3 under ``assets/``."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated
+
+from fastapi import APIRouter, File, UploadFile, status
+from sqlmodel import Session, select
+
+from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
+from api_stub.errors import ApiError, bad_request, not_found
+from api_stub.routes.widgets import get_live_widget
+from api_stub.schemas.archive import AssetPublic
+from worker.ids import new_id
+from worker.models import Organization, WidgetAsset
+from worker.s3 import PermanentS3Error, S3Error, get_store
+from worker.services.locking import lock_widget
+
+router = APIRouter(prefix="/widgets", tags=["assets"])
+
+MAX_ASSET_BYTES = 2 * 1024 * 1024
+ALLOWED_CONTENT_TYPES = frozenset(
+    {
+        "image/png",
+        "image/jpeg",
+        "image/gif",
+        "image/webp",
+        "image/svg+xml",
+        "image/x-icon",
+        "image/vnd.microsoft.icon",
+    }
+)
+
+
+def asset_key(api_key: str, widget_id: str, asset_id: str) -> str:
+    # Only validated IDs in the key; the client's file name is kept in the row, not the path.
+    return f"assets/{api_key}/{widget_id}/{asset_id}"
+
+
+def _read_limited(upload: UploadFile) -> bytes:
+    data = upload.file.read(MAX_ASSET_BYTES + 1)
+    if len(data) > MAX_ASSET_BYTES:
+        raise ApiError(413, f"asset larger than {MAX_ASSET_BYTES} bytes", {"file": "too large"})
+    if not data:
+        raise bad_request("asset is empty", {"file": "empty"})
+    return data
+
+
+@router.post("/{widget_id}/assets", status_code=status.HTTP_201_CREATED)
+def upload_asset(
+    widget_id: str, file: Annotated[UploadFile, File()], org: OrgDep, session: SessionDep
+) -> AssetPublic:
+    content_type = (file.content_type or "").split(";")[0].strip().lower()
+    if content_type not in ALLOWED_CONTENT_TYPES:
+        raise bad_request(
+            f"content type '{content_type}' not allowed; allowed: "
+            + ", ".join(sorted(ALLOWED_CONTENT_TYPES)),
+            {"file": "content type not allowed"},
+        )
+    data = _read_limited(file)
+    get_live_widget(session, org, widget_id)
+    # Lock held across the upload: an archive cannot list the assets between the S3 write and
+    # the row's commit, so it never misses this object.
+    widget = lock_widget(session, org.id, widget_id)
+    if widget is None or widget.is_archived:
+        raise not_found("widget", widget_id)
+    asset_id = new_id()
+    asset = WidgetAsset(
+        id=asset_id,
+        organization_id=org.id,
+        widget_id=widget_id,
+        filename=(file.filename or "asset")[:255],
+        content_type=content_type,
+        size=len(data),
+        s3_key=asset_key(org.api_key, widget_id, asset_id),
+        checksum=hashlib.sha256(data).hexdigest(),
+    )
+    try:
+        get_store().put_bytes(asset.s3_key, data, content_type=content_type)
+    except S3Error as exc:
+        code = 500 if isinstance(exc, PermanentS3Error) else 503
+        raise ApiError(code, f"asset storage failed: {exc}") from exc
+    session.add(asset)
+    session.commit()
+    return AssetPublic.model_validate(asset)
+
+
+def _assets(session: Session, org: Organization, widget_id: str) -> list[WidgetAsset]:
+    get_live_widget(session, org, widget_id)
+    stmt = (
+        select(WidgetAsset)
+        .where(WidgetAsset.organization_id == org.id, WidgetAsset.widget_id == widget_id)
+        .order_by(WidgetAsset.created_at, WidgetAsset.id)  # type: ignore[arg-type]
+    )
+    return list(session.exec(stmt).all())
+
+
+@router.get("/{widget_id}/assets")
+def list_assets(widget_id: str, org: OrgDep, session: SessionDep) -> list[AssetPublic]:
+    return [AssetPublic.model_validate(a) for a in _assets(session, org, widget_id)]
+
+
+@router.delete("/{widget_id}/assets/{asset_id}")
+def delete_asset(widget_id: str, asset_id: str, org: OrgDep, session: SessionDep) -> AssetPublic:
+    get_live_widget(session, org, widget_id)
+    require_safe_path_id(asset_id, "asset_id")
+    asset = session.get(WidgetAsset, asset_id)
+    if asset is None or asset.organization_id != org.id or asset.widget_id != widget_id:
+        raise not_found("asset", asset_id)
+    removed = AssetPublic.model_validate(asset)
+    try:
+        get_store().delete(asset.s3_key)  # object first: never a stored object without a row
+    except S3Error as exc:
+        raise ApiError(503, f"asset storage failed: {exc}") from exc
+    session.delete(asset)
+    session.commit()
+    return removed

@@ -1,0 +1,232 @@
+"""Archiving a widget (DESIGN "The jobs" → archive), resumable after a crash at any line.
+
+The decision (``deleted`` for a draft, ``archived`` otherwise) is taken once, under the widget
+lock, and stored on the job before anything is destroyed; a redelivered job finishes the same
+plan even when the widget row is already gone. Steps, each idempotent:
+
+1. claim: mark the widget archived (if a producer bypassed the API), record the plan, count the
+   attempt. Deploys check ``archived_at`` under the same lock, so none publishes after this.
+2. assets: for each asset, delete the S3 object, then its row. A crash between the two leaves a
+   row whose object is gone (deleted again on resume), never an S3 object nobody knows about.
+3. the widget: draft → delete the row; otherwise copy it into ``archived_widgets`` and delete
+   it, in one transaction.
+4. archived ones: remove the published container file, so it stops rendering on websites.
+   Deployments are never touched: they keep every configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlmodel import Session, col, select
+
+from worker.db import unit_of_work
+from worker.ids import require_safe_id
+from worker.models import (
+    FINAL_STATUSES,
+    ArchivedWidget,
+    ArchiveJob,
+    Organization,
+    Widget,
+    WidgetAsset,
+    utcnow,
+)
+from worker.s3 import S3Store
+from worker.services.deploy import MAX_ATTEMPTS, InvalidJobError
+from worker.services.locking import lock_widget
+from worker.services.snapshot import container_key
+
+RESULT_DELETED = "deleted"
+RESULT_ARCHIVED = "archived"
+ASSET_BATCH = 100
+
+
+@dataclass(frozen=True)
+class ArchiveOutcome:
+    archive_job_id: str
+    widget_id: str
+    status: str
+    result: str | None
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _outcome(job: ArchiveJob) -> ArchiveOutcome:
+    return ArchiveOutcome(job.id, job.widget_id, job.status, job.result, job.error)
+
+
+def _finish(job: ArchiveJob, status: str, error: str | None = None) -> None:
+    """The one place an archive job becomes final."""
+    now = utcnow()
+    job.status, job.error, job.finished_at, job.updated_at = status, error, now, now
+
+
+def mark_archived(session: Session, widget: Widget) -> ArchiveJob:
+    """Hide the widget at once and create its archive job (the API's side of DELETE)."""
+    widget.archived_at = utcnow()
+    session.add(widget)
+    job = ArchiveJob(
+        organization_id=widget.organization_id, widget_id=widget.id, enqueued_at=utcnow()
+    )
+    session.add(job)
+    return job
+
+
+def latest_job(session: Session, organization_id: str, widget_id: str) -> ArchiveJob | None:
+    stmt = (
+        select(ArchiveJob)
+        .where(ArchiveJob.organization_id == organization_id, ArchiveJob.widget_id == widget_id)
+        .order_by(col(ArchiveJob.created_at).desc(), col(ArchiveJob.id).desc())
+    )
+    return session.exec(stmt).first()
+
+
+def _job_for_producer(
+    session: Session, widget: Widget | None, organization_id: str, widget_id: str
+) -> ArchiveJob:
+    """A message without ``archive_job_id`` (a producer that bypassed the API)."""
+    existing = latest_job(session, organization_id, widget_id)
+    if existing is not None and (existing.status not in FINAL_STATUSES or widget is None):
+        return existing  # in flight, or done already: a re-run reports the same result
+    if widget is None:
+        raise InvalidJobError(f"widget {widget_id} not found")
+    if widget.is_archived:
+        job = ArchiveJob(organization_id=organization_id, widget_id=widget_id)
+        session.add(job)
+        return job
+    return mark_archived(session, widget)
+
+
+def _claim(organization_id: str, widget_id: str, job_id: str | None) -> ArchiveJob:
+    with unit_of_work() as session:
+        if session.get(Organization, organization_id) is None:
+            raise InvalidJobError(f"unknown organization {organization_id}")
+        widget = lock_widget(session, organization_id, widget_id)
+        job = session.get(ArchiveJob, job_id) if job_id else None
+        if job_id and job is None:
+            raise InvalidJobError(f"unknown archive job {job_id}")
+        if job is None:
+            job = _job_for_producer(session, widget, organization_id, widget_id)
+        if job.organization_id != organization_id or job.widget_id != widget_id:
+            raise InvalidJobError(f"archive job {job.id} is for another organization or widget")
+        if job.status in FINAL_STATUSES:
+            return job
+        if job.result is None:
+            if widget is None:
+                _finish(job, "failure", "widget not found")
+                return job
+            if not widget.is_archived:
+                widget.archived_at = utcnow()
+            # The plan is fixed now, before anything is destroyed.
+            draft = widget.publication_status == "draft"
+            job.result = RESULT_DELETED if draft else RESULT_ARCHIVED
+        if job.attempts >= MAX_ATTEMPTS:
+            _finish(job, "failure", f"gave up after {job.attempts} attempts: {job.error or ''}")
+            return job
+        job.attempts += 1
+        job.status, job.started_at, job.updated_at = "running", utcnow(), utcnow()
+        session.add(job)
+        return job
+
+
+def _delete_assets(organization_id: str, widget_id: str, store: Callable[[], S3Store]) -> None:
+    while True:
+        with unit_of_work() as session:
+            assets = session.exec(
+                select(WidgetAsset)
+                .where(
+                    WidgetAsset.organization_id == organization_id,
+                    WidgetAsset.widget_id == widget_id,
+                )
+                .limit(ASSET_BATCH)
+            ).all()
+        if not assets:
+            return
+        for asset in assets:
+            store().delete(asset.s3_key)  # object first: a row may outlive it, not the reverse
+            with unit_of_work() as session:
+                row = session.get(WidgetAsset, asset.id)
+                if row is not None:
+                    session.delete(row)
+
+
+def _remove_widget(job_id: str) -> None:
+    with unit_of_work() as session:
+        job = session.get(ArchiveJob, job_id)
+        assert job is not None
+        widget = lock_widget(session, job.organization_id, job.widget_id)
+        if widget is None:
+            return  # done by an earlier delivery
+        if job.result == RESULT_ARCHIVED and session.get(ArchivedWidget, widget.id) is None:
+            session.add(
+                ArchivedWidget(
+                    id=widget.id,
+                    organization_id=widget.organization_id,
+                    name=widget.name,
+                    format=widget.format,
+                    template_id=widget.template_id,
+                    last_domain_used=widget.last_domain_used,
+                    widget_created_at=widget.created_at,
+                )
+            )
+        session.delete(widget)
+
+
+def run_archive(
+    organization_id: str,
+    widget_id: str,
+    archive_job_id: str | None,
+    store: Callable[[], S3Store],
+) -> ArchiveOutcome:
+    """Run one delivery of an archive job; any number of deliveries give the same end state."""
+    require_safe_id(organization_id, "organization_id")
+    require_safe_id(widget_id, "widget_id")
+    if archive_job_id is not None:
+        require_safe_id(archive_job_id, "archive_job_id")
+    job = _claim(organization_id, widget_id, archive_job_id)
+    if job.status in FINAL_STATUSES:
+        return _outcome(job)
+    _delete_assets(organization_id, widget_id, store)
+    _remove_widget(job.id)
+    if job.result == RESULT_ARCHIVED:
+        with unit_of_work() as session:
+            org = session.get(Organization, organization_id)
+            assert org is not None
+            key = container_key(org.api_key, widget_id)
+        store().delete(key)
+    with unit_of_work() as session:
+        final = session.get(ArchiveJob, job.id)
+        assert final is not None
+        if final.status not in FINAL_STATUSES:
+            _finish(final, "success")
+            session.add(final)
+        return _outcome(final)
+
+
+def note_retry(archive_job_id: str, error: str) -> None:
+    with unit_of_work() as session:
+        job = session.get(ArchiveJob, archive_job_id)
+        if job is not None and job.status not in FINAL_STATUSES:
+            job.status, job.error, job.enqueued_at = "ready", f"retrying: {error}", utcnow()
+            job.updated_at = utcnow()
+            session.add(job)
+
+
+def record_failure(
+    organization_id: str, widget_id: str, archive_job_id: str | None, error: str
+) -> None:
+    with unit_of_work() as session:
+        if archive_job_id is None:
+            job = latest_job(session, organization_id, widget_id)
+        else:
+            job = session.get(ArchiveJob, archive_job_id)
+        if job is None or job.status in FINAL_STATUSES:
+            return
+        if job.organization_id != organization_id or job.widget_id != widget_id:
+            return  # a forged message must not fail somebody else's job
+        _finish(job, "failure", error)
+        session.add(job)

@@ -1,0 +1,51 @@
+"""``widgets.archive``: keyword arguments ``organization_id``, ``widget_id`` and, when the job
+was accepted through the API, ``archive_job_id``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from worker import constants as c
+from worker.celery import app
+from worker.ids import is_safe_id
+from worker.s3 import TransientS3Error, get_store
+from worker.services import archive as service
+from worker.tasks.base import JobTask
+
+
+def _ids(kwargs: dict[str, Any]) -> tuple[str, str, str | None] | None:
+    org, widget, job = (kwargs.get(k) for k in ("organization_id", "widget_id", "archive_job_id"))
+    if not (is_safe_id(org) and is_safe_id(widget)) or (job is not None and not is_safe_id(job)):
+        return None
+    return org, widget, job  # type: ignore[return-value]
+
+
+class ArchiveTask(JobTask):
+    def record_failure(self, kwargs: dict[str, Any], error: str) -> None:
+        ids = _ids(kwargs)
+        if ids is not None:
+            service.record_failure(*ids, error)
+
+    def record_retry(self, kwargs: dict[str, Any], error: str) -> None:
+        ids = _ids(kwargs)
+        if ids is not None and ids[2] is not None:
+            service.note_retry(ids[2], error)
+
+
+@app.task(
+    bind=True,
+    base=ArchiveTask,
+    name=c.ARCHIVE_TASK,
+    autoretry_for=(TransientS3Error, SoftTimeLimitExceeded),
+    retry_backoff=c.RETRY_BACKOFF_SECONDS,
+    retry_backoff_max=c.RETRY_BACKOFF_MAX_SECONDS,
+    retry_jitter=True,
+    max_retries=c.MAX_RETRIES,
+)
+def archive(
+    self: ArchiveTask, organization_id: str, widget_id: str, archive_job_id: str | None = None
+) -> dict[str, Any]:
+    outcome = service.run_archive(organization_id, widget_id, archive_job_id, store=get_store)
+    return outcome.as_dict()
