@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,12 +21,18 @@ from api_stub.routes import (
     widgets,
 )
 from worker.db import get_engine, reset_engine
-from worker.settings import get_settings
+from worker.settings import ConfigurationError, get_settings
 
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-    get_settings()  # bad configuration stops start-up here, with one clear line
+    try:
+        get_settings()
+    except ConfigurationError as exc:
+        # One clear line, not a traceback; nothing has been started yet, so exit right here
+        # (raising would make the server print the whole stack trace as the reason).
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        os._exit(2)
     get_engine()
     yield
     reset_engine()

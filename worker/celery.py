@@ -67,16 +67,27 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+def _check_flower(settings: Settings) -> None:
+    """Flower shows every task's arguments: outside development it must not run unprotected."""
+    if "flower" in sys.argv[1:] and not settings.is_development and not settings.flower_basic_auth:
+        raise ConfigurationError("FLOWER_BASIC_AUTH must be set to run Flower in production")
+
+
 def _load_config() -> dict[str, Any]:
     try:
-        return celery_config(get_settings())
+        settings = get_settings()
+        _check_flower(settings)
+        return celery_config(settings)
     except ConfigurationError as exc:
         # One clear line instead of a traceback from deep inside Celery's start-up.
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-app = Celery("worker", include=["worker.tasks.deploy", "worker.tasks.archive"])
+app = Celery(
+    "worker",
+    include=["worker.tasks.deploy", "worker.tasks.archive", "worker.tasks.maintenance"],
+)
 app.add_defaults(_load_config)
 
 

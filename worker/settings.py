@@ -45,6 +45,7 @@ class Settings(BaseSettings):
 
     secret_key: SecretStr | None = None
     admin_token: SecretStr | None = None
+    # Flower reads it itself; required to run Flower outside development (worker.celery).
     flower_basic_auth: SecretStr | None = None
 
     @model_validator(mode="after")
@@ -52,7 +53,7 @@ class Settings(BaseSettings):
         if self.app_env == "production":
             missing = [
                 name.upper()
-                for name in ("secret_key", "admin_token", "flower_basic_auth")
+                for name in ("secret_key", "admin_token")
                 if getattr(self, name) is None
             ]
             if missing:

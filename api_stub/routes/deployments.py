@@ -14,6 +14,7 @@ from api_stub.routes.widgets import get_live_widget
 from api_stub.schemas.widgets import DeploymentCreate, DeploymentPublic
 from worker import producer
 from worker.models import Deployment, Organization, utcnow
+from worker.services.locking import lock_widget
 
 router = APIRouter(prefix="/widgets/deployments", tags=["deployments"])
 
@@ -49,7 +50,11 @@ def create_deployment(
             if existing.organization_id != org.id or existing.widget_id != body.widget_id:
                 raise ApiError(409, f"deployment_id {body.deployment_id} is already used")
             return _accepted(request, response, existing)  # same request again: no new job
-    widget = get_live_widget(session, org, body.widget_id)
+    get_live_widget(session, org, body.widget_id)
+    # Locked so a concurrent archive or cleanup is ordered before or after this request.
+    widget = lock_widget(session, org.id, body.widget_id)
+    if widget is None or widget.is_archived:
+        raise not_found("widget", body.widget_id)
     dep = Deployment(organization_id=org.id, widget_id=widget.id, enqueued_at=utcnow())
     if body.deployment_id is not None:
         dep.deployment_id = body.deployment_id

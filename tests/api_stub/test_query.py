@@ -105,9 +105,7 @@ def test_filter_value_that_is_not_a_safe_id_is_400(value):
 
 def test_filter_value_of_exactly_64_characters_is_accepted():
     value = "a" * 64
-    assert dict(parse(("widget_id", value), filters=("widget_id",)).filters) == {
-        "widget_id": value
-    }
+    assert dict(parse(("widget_id", value), filters=("widget_id",)).filters) == {"widget_id": value}
 
 
 def test_error_message_names_sortable_fields():

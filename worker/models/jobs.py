@@ -37,6 +37,7 @@ class Deployment(SQLModel, table=True):
     status: str = Field(default="ready", max_length=16, index=True)
     error: str | None = None
     attempts: int = 0
+    requeues: int = 0  # times the reconciler re-sent it
     widget_version: int | None = None
     s3_key: str | None = Field(default=None, max_length=512)
     checksum: str | None = Field(default=None, max_length=64)
@@ -61,6 +62,7 @@ class ArchiveJob(SQLModel, table=True):
     result: str | None = Field(default=None, max_length=16)
     error: str | None = None
     attempts: int = 0
+    requeues: int = 0  # times the reconciler re-sent it
     enqueued_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)

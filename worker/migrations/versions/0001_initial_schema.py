@@ -20,7 +20,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    
+
     op.create_table('organizations',
     sa.Column('id', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=False),
     sa.Column('name', sqlmodel.sql.sqltypes.AutoString(length=255), nullable=False),
@@ -49,6 +49,7 @@ def upgrade() -> None:
     sa.Column('result', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=True),
     sa.Column('error', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('requeues', sa.Integer(), nullable=False),
     sa.Column('enqueued_at', worker.models.types.UTCDateTime(timezone=True), nullable=True),
     sa.Column('started_at', worker.models.types.UTCDateTime(timezone=True), nullable=True),
     sa.Column('finished_at', worker.models.types.UTCDateTime(timezone=True), nullable=True),
@@ -87,6 +88,7 @@ def upgrade() -> None:
     sa.Column('status', sqlmodel.sql.sqltypes.AutoString(length=16), nullable=False),
     sa.Column('error', sqlmodel.sql.sqltypes.AutoString(), nullable=True),
     sa.Column('attempts', sa.Integer(), nullable=False),
+    sa.Column('requeues', sa.Integer(), nullable=False),
     sa.Column('widget_version', sa.Integer(), nullable=True),
     sa.Column('s3_key', sqlmodel.sql.sqltypes.AutoString(length=512), nullable=True),
     sa.Column('checksum', sqlmodel.sql.sqltypes.AutoString(length=64), nullable=True),
@@ -195,11 +197,11 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_widget_assets_organization_id'), ['organization_id'], unique=False)
         batch_op.create_index(batch_op.f('ix_widget_assets_widget_id'), ['widget_id'], unique=False)
 
-    
+
 
 
 def downgrade() -> None:
-    
+
     with op.batch_alter_table('widget_assets', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_widget_assets_widget_id'))
         batch_op.drop_index(batch_op.f('ix_widget_assets_organization_id'))
@@ -242,4 +244,4 @@ def downgrade() -> None:
 
     op.drop_table('api_keys')
     op.drop_table('organizations')
-    
+

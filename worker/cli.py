@@ -1,0 +1,65 @@
+"""Operator commands: ``python -m worker.cli cleanup --dry-run`` and friends."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from worker.settings import get_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    clean = sub.add_parser("cleanup", help="archive draft widgets not edited for the retention")
+    clean.add_argument("--dry-run", action="store_true", help="list what would be archived")
+    clean.add_argument("--days", type=int, help="override DRAFT_RETENTION_DAYS")
+    sub.add_parser("reconcile", help="re-send lost jobs and recover stuck ones now")
+    args = parser.parse_args(argv)
+    settings = get_settings()
+
+    if args.command == "cleanup":
+        days = args.days or settings.draft_retention_days
+        if args.dry_run:
+            from worker.services.cleanup import find_stale_drafts
+
+            rows = find_stale_drafts(days, limit=10_000)
+            for w in rows:
+                print(
+                    json.dumps(
+                        {
+                            "organization_id": w.organization_id,
+                            "widget_id": w.id,
+                            "name": w.name,
+                            "updated_at": w.updated_at.isoformat(),
+                        }
+                    )
+                )
+            print(f"{len(rows)} draft widget(s) not edited for {days} days would be archived")
+            return 0
+        from worker.producer import send_archive
+        from worker.services.cleanup import archive_stale_drafts
+
+        report = archive_stale_drafts(days, settings.cleanup_batch_size)
+        for org_id, widget_id, job_id in report.archived:
+            send_archive(org_id, widget_id, job_id)
+        print(f"{len(report.archived)} draft widget(s) archived")
+        return 0
+
+    from worker.producer import send_archive, send_deploy
+    from worker.services.reconcile import reconcile
+
+    rec = reconcile()
+    for org_id, widget_id, dep_id in rec.deployments:
+        send_deploy(org_id, widget_id, dep_id)
+    for org_id, widget_id, job_id in rec.archives:
+        send_archive(org_id, widget_id, job_id)
+    print(
+        f"re-sent {len(rec.deployments)} deployment(s), {len(rec.archives)} archive job(s); "
+        f"{len(rec.failed)} gave up"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

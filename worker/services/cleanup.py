@@ -1,0 +1,72 @@
+"""Scheduled cleanup: archive draft widgets nobody has edited for ``DRAFT_RETENTION_DAYS``.
+
+Candidates are drafts (never published), not archived, not edited inside the window, with no
+deployment in flight. Each is re-checked under its row lock and marked archived in the same
+transaction, so two cleanups running at once archive every widget exactly once; the archive
+itself goes through the normal ``widgets.archive`` job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlmodel import Session, col, select
+
+from worker.db import is_postgres, unit_of_work
+from worker.models import Deployment, Widget, utcnow
+from worker.services.archive import mark_archived
+
+IN_FLIGHT = ("ready", "running")
+
+
+@dataclass
+class CleanupReport:
+    candidates: list[str] = field(default_factory=list)
+    archived: list[tuple[str, str, str]] = field(default_factory=list)  # (org, widget, job)
+
+
+def _stale_drafts(
+    session: Session, cutoff: datetime, limit: int, lock: bool = False
+) -> list[Widget]:
+    in_flight = select(Deployment.widget_id).where(col(Deployment.status).in_(IN_FLIGHT))
+    stmt = (
+        select(Widget)
+        .where(
+            col(Widget.published_version).is_(None),
+            col(Widget.archived_at).is_(None),
+            col(Widget.updated_at) < cutoff,
+            col(Widget.id).not_in(in_flight),
+        )
+        .order_by(col(Widget.updated_at), col(Widget.id))
+        .limit(limit)
+    )
+    if lock and is_postgres(session):
+        # Another cleanup holding a row skips it instead of waiting; it archives that one.
+        stmt = stmt.with_for_update(skip_locked=True, of=Widget)
+    return list(session.exec(stmt).all())
+
+
+def find_stale_drafts(retention_days: int, limit: int, now: datetime | None = None) -> list[Widget]:
+    """What a cleanup would archive now (the dry run)."""
+    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    with unit_of_work() as session:
+        return _stale_drafts(session, cutoff, limit)
+
+
+def archive_stale_drafts(
+    retention_days: int, batch_size: int, max_batches: int = 50, now: datetime | None = None
+) -> CleanupReport:
+    """Mark stale drafts archived and return the archive jobs to send (after the commit)."""
+    report = CleanupReport()
+    cutoff = (now or utcnow()) - timedelta(days=retention_days)
+    for _ in range(max_batches):
+        with unit_of_work() as session:
+            batch = _stale_drafts(session, cutoff, batch_size, lock=True)
+            for widget in batch:
+                report.candidates.append(widget.id)
+                job = mark_archived(session, widget)
+                report.archived.append((widget.organization_id, widget.id, job.id))
+        if len(batch) < batch_size:
+            break
+    return report

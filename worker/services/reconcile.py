@@ -1,0 +1,90 @@
+"""Reconciler: jobs accepted but never started, and jobs stuck ``running``.
+
+* ``ready`` for longer than :data:`READY_STALE_AFTER` seconds: the message was never sent (API
+  died between commit and enqueue) or was lost (broker lost its data). Re-send it. The bound is
+  above the visibility timeout, so a message that still exists would have been redelivered by
+  then, and above the longest retry countdown, so a job waiting to retry is left alone.
+* ``running`` for longer than :data:`RUNNING_STALE_AFTER` seconds: its worker was killed past
+  the hard time limit without a redelivery. Back to ``ready`` and re-send.
+
+Each re-send is counted; past :data:`MAX_REQUEUES` the job ends ``failure`` instead of looping.
+Tasks are idempotent, so a duplicate message caused by a race here is harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+from sqlmodel import Session, col, or_, select
+
+from worker import constants as c
+from worker.db import is_postgres, unit_of_work
+from worker.models import ArchiveJob, Deployment, utcnow
+
+READY_STALE_AFTER = c.VISIBILITY_TIMEOUT + 60
+RUNNING_STALE_AFTER = c.TASK_TIME_LIMIT + 60
+MAX_REQUEUES = 5
+BATCH = 500
+
+J = TypeVar("J", Deployment, ArchiveJob)
+
+
+@dataclass
+class ReconcileReport:
+    deployments: list[tuple[str, str, str]] = field(default_factory=list)  # org, widget, dep id
+    archives: list[tuple[str, str, str]] = field(default_factory=list)  # org, widget, job id
+    failed: list[str] = field(default_factory=list)
+
+
+def _stale(session: Session, model: type[J], now: datetime) -> list[J]:
+    ready_cutoff = now - timedelta(seconds=READY_STALE_AFTER)
+    running_cutoff = now - timedelta(seconds=RUNNING_STALE_AFTER)
+    stmt = (
+        select(model)
+        .where(
+            or_(
+                (col(model.status) == "ready")
+                & (col(model.enqueued_at).is_(None) | (col(model.enqueued_at) < ready_cutoff)),
+                (col(model.status) == "running") & (col(model.started_at) < running_cutoff),
+            )
+        )
+        .order_by(col(model.created_at))
+        .limit(BATCH)
+    )
+    if is_postgres(session):
+        stmt = stmt.with_for_update(skip_locked=True)
+    return list(session.exec(stmt).all())
+
+
+def _requeue_or_fail(job: Deployment | ArchiveJob, now: datetime) -> bool:
+    """True if the job should be re-sent; otherwise it is now ``failure``."""
+    job.updated_at = now
+    if job.requeues >= MAX_REQUEUES:
+        job.status, job.finished_at = "failure", now
+        job.error = f"gave up after {job.requeues} re-enqueues by the reconciler: {job.error or ''}"
+        return False
+    job.requeues += 1
+    job.status, job.enqueued_at = "ready", now
+    return True
+
+
+def reconcile(now: datetime | None = None) -> ReconcileReport:
+    """Find and update stale jobs; the caller sends the returned ones after this commit."""
+    now = now or utcnow()
+    report = ReconcileReport()
+    with unit_of_work() as session:
+        for dep in _stale(session, Deployment, now):
+            if _requeue_or_fail(dep, now):
+                report.deployments.append((dep.organization_id, dep.widget_id, dep.deployment_id))
+            else:
+                report.failed.append(dep.deployment_id)
+            session.add(dep)
+        for job in _stale(session, ArchiveJob, now):
+            if _requeue_or_fail(job, now):
+                report.archives.append((job.organization_id, job.widget_id, job.id))
+            else:
+                report.failed.append(job.id)
+            session.add(job)
+    return report
