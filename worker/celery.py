@@ -40,6 +40,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        # A lost broker connection cannot ack late tasks anyway; cancel and let them redeliver.
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
         "task_time_limit": c.TASK_TIME_LIMIT,
         "task_soft_time_limit": c.TASK_SOFT_TIME_LIMIT,
         "task_queues": [Queue(name, routing_key=name) for name in c.QUEUES],

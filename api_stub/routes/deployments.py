@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response, status
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
@@ -33,6 +34,19 @@ def _accepted(request: Request, response: Response, dep: Deployment) -> Deployme
     return DeploymentPublic.model_validate(dep)
 
 
+def _by_deployment_id(session: Session, deployment_id: str) -> Deployment | None:
+    return session.exec(select(Deployment).where(Deployment.deployment_id == deployment_id)).first()
+
+
+def _repeat(
+    request: Request, response: Response, org: Organization, body: DeploymentCreate, dep: Deployment
+) -> DeploymentPublic:
+    """A repeated request with the same idempotency key: the same deployment, no new job."""
+    if dep.organization_id != org.id or dep.widget_id != body.widget_id:
+        raise ApiError(409, f"deployment_id {body.deployment_id} is already used")
+    return _accepted(request, response, dep)
+
+
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
 def create_deployment(
     body: DeploymentCreate,
@@ -42,14 +56,10 @@ def create_deployment(
     response: Response,
 ) -> DeploymentPublic:
     """Accept a deploy: the row is committed (``ready``), then the job is sent to the workers."""
-    if body.deployment_id is not None:
-        existing = session.exec(
-            select(Deployment).where(Deployment.deployment_id == body.deployment_id)
-        ).first()
-        if existing is not None:
-            if existing.organization_id != org.id or existing.widget_id != body.widget_id:
-                raise ApiError(409, f"deployment_id {body.deployment_id} is already used")
-            return _accepted(request, response, existing)  # same request again: no new job
+    if body.deployment_id is not None and (
+        existing := _by_deployment_id(session, body.deployment_id)
+    ):
+        return _repeat(request, response, org, body, existing)
     get_live_widget(session, org, body.widget_id)
     # Locked so a concurrent archive or cleanup is ordered before or after this request.
     widget = lock_widget(session, org.id, body.widget_id)
@@ -59,7 +69,16 @@ def create_deployment(
     if body.deployment_id is not None:
         dep.deployment_id = body.deployment_id
     session.add(dep)
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:
+        # The same deployment_id sent twice at once: the other request created it.
+        session.rollback()
+        assert body.deployment_id is not None
+        existing = _by_deployment_id(session, body.deployment_id)
+        if existing is None:
+            raise
+        return _repeat(request, response, org, body, existing)
     producer.send_deploy(org.id, widget.id, dep.deployment_id)
     return _accepted(request, response, dep)
 
