@@ -25,14 +25,19 @@ def keys(s3, prefix: str) -> list[str]:
 @pytest.mark.parametrize("state", ["draft", "published", "unpublished_changes"])
 def test_archive_each_status(sqlite_database, org, celery_worker, s3, state):
     w = org.widget([org.purpose()], [org.preference()])
-    up = org.req("POST", f"/widgets/{w['id']}/assets", files={"file": ("a.png", b"\x89PNG..", "image/png")})
+    up = org.req(
+        "POST", f"/widgets/{w['id']}/assets", files={"file": ("a.png", b"\x89PNG..", "image/png")}
+    )
     assert up.status_code == 201, up.text
     if state != "draft":
         assert org.wait_deployment(org.deploy(w["id"])["id"])["status"] == "success"
     if state == "unpublished_changes":
-        assert org.req("PATCH", f"/widgets/{w['id']}", json={"name": "edited"}).json()[
-            "publication_status"
-        ] == "unpublished_changes"
+        assert (
+            org.req("PATCH", f"/widgets/{w['id']}", json={"name": "edited"}).json()[
+                "publication_status"
+            ]
+            == "unpublished_changes"
+        )
     r = org.req("DELETE", f"/widgets/{w['id']}")
     assert r.status_code == 202, r.text
     assert org.req("GET", f"/widgets/{w['id']}").status_code == 404
