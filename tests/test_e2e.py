@@ -1,5 +1,5 @@
-"""End to end: ``uvicorn api_stub.app:app`` and ``celery -A worker worker --concurrency 2`` (prefork)
-as real subprocesses on the session's Redis and moto, driven over HTTP like a real producer."""
+"""End to end: ``uvicorn api_stub.app:app`` and ``celery -A worker worker --concurrency 2``
+(prefork) as real subprocesses on the session's Redis and moto, driven over HTTP."""
 
 from __future__ import annotations
 
@@ -64,8 +64,9 @@ def test_api_and_prefork_worker_publish_widgets(services, tmp_path, s3):
                 assert body == dep["config"]
                 assert body["deployment_id"] == dep["deployment_id"]
                 assert body["purposes"][0]["metadata"] == pur["metadata"]
-                assert body["preferences"][0]["values"][0]["metadata"] == (
-                    pref["values"][0]["metadata"]
+                assert (
+                    body["preferences"][0]["values"][0]["metadata"]
+                    == (pref["values"][0]["metadata"])
                 )
                 got = org.req("GET", f"/widgets/{w['id']}").json()
                 assert got["publication_status"] == "published"

@@ -78,7 +78,7 @@ class S3Store:
         self._loop = asyncio.new_event_loop()
         self._stack = contextlib.AsyncExitStack()
         config = AioConfig(
-            retries={"mode": "standard", "max_attempts": settings.s3_max_attempts},
+            retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
             connect_timeout=settings.s3_connect_timeout,
             read_timeout=settings.s3_read_timeout,
             s3={"addressing_style": "path"},

@@ -113,7 +113,7 @@ def test_duplicate_delivery_publishes_once(database, org, celery_worker, s3, s3_
 
 def test_concurrent_duplicate_runs_publish_once(database, org, s3, s3_faults):
     w, dep_id = org.widget(), new_id()
-    barrier, results, errors = threading.Barrier(2), [], []
+    barrier, results, errors = threading.Barrier(4), [], []
 
     def run() -> None:
         barrier.wait()
@@ -122,13 +122,14 @@ def test_concurrent_duplicate_runs_publish_once(database, org, s3, s3_faults):
         except Exception as exc:  # surfaced by the assertion below
             errors.append(exc)
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
+    threads = [threading.Thread(target=run) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
     assert not errors, errors
-    assert [r.status for r in results] == ["success", "success"]
+    assert [r.status for r in results] == ["success"] * 4
+    assert sum(r.published for r in results) == 1
     assert len(_rows(dep_id)) == 1
     assert _puts(s3_faults, org.container_key(w["id"]), 200) == 1
 
@@ -197,12 +198,6 @@ def test_access_denied_fails_at_once_and_keeps_widget_status(
         assert (body["deployment_id"], body["widget"]["name"]) == (live["deployment_id"], "live")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: worker/s3.py passes S3_MAX_ATTEMPTS as botocore's retries['max_attempts'], which "
-    "counts retries after the first request, so S3_MAX_ATTEMPTS=3 makes 4 requests "
-    "(use 'total_max_attempts', as AWS_MAX_ATTEMPTS does)",
-)
 def test_s3_max_attempts_counts_every_request(sqlite_database, org, s3_faults):
     w = org.widget()
     s3_faults.fail_next("PUT", 503, times=10)
