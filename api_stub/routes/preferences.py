@@ -146,8 +146,6 @@ def delete_preference(preference_id: str, org: OrgDep, session: SessionDep) -> P
     pref = _get(session, org, preference_id)
     values = _values(session, [pref.id]).get(pref.id, [])
     removed = _public(pref, values)
-    for value in values:
-        session.delete(value)
-    session.delete(pref)
+    session.delete(pref)  # its values go with it (ON DELETE CASCADE)
     session.commit()
     return removed
