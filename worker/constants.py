@@ -20,13 +20,14 @@ TASK_ROUTES = {
 }
 
 # A task is soft-interrupted (and retried) after SOFT, killed after HARD seconds.
-TASK_SOFT_TIME_LIMIT = 100
-TASK_TIME_LIMIT = 120
+# A deploy takes well under a second; the limits only bound a hung S3 call or database lock.
+TASK_SOFT_TIME_LIMIT = 45
+TASK_TIME_LIMIT = 60
 # Celery retries for S3 outages that outlast botocore's own quick retries.
 RETRY_BACKOFF_SECONDS = 2
-RETRY_BACKOFF_MAX_SECONDS = 300
+RETRY_BACKOFF_MAX_SECONDS = 120
 MAX_RETRIES = 8
 # An unacknowledged message is redelivered after this long. It must exceed the time limit plus
 # the longest retry countdown (ETA messages stay unacknowledged while they wait), else a healthy
 # task would be delivered twice.
-VISIBILITY_TIMEOUT = TASK_TIME_LIMIT + RETRY_BACKOFF_MAX_SECONDS + 180
+VISIBILITY_TIMEOUT = TASK_TIME_LIMIT + RETRY_BACKOFF_MAX_SECONDS + 60

@@ -23,8 +23,8 @@ from worker import constants as c
 from worker.db import is_postgres, unit_of_work
 from worker.models import ArchiveJob, Deployment, utcnow
 
-READY_STALE_AFTER = c.VISIBILITY_TIMEOUT + 60
-RUNNING_STALE_AFTER = c.TASK_TIME_LIMIT + 60
+READY_STALE_AFTER = c.VISIBILITY_TIMEOUT + 30
+RUNNING_STALE_AFTER = c.TASK_TIME_LIMIT + 30
 MAX_REQUEUES = 5
 BATCH = 500
 
