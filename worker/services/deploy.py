@@ -26,7 +26,7 @@ from sqlmodel import Session, select
 
 from worker.db import unit_of_work
 from worker.ids import require_safe_id
-from worker.models import FINAL_STATUSES, Deployment, Organization, Widget, utcnow
+from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, Organization, Widget, utcnow
 from worker.s3 import S3Store
 from worker.services.locking import lock_widget
 from worker.services.snapshot import (
@@ -75,12 +75,23 @@ def _find(session: Session, deployment_id: str) -> Deployment | None:
     return session.exec(stmt.execution_options(populate_existing=True)).first()
 
 
-def _widget_gone_reason(widget: Widget | None) -> str | None:
-    if widget is None:
-        return "widget not found (deleted, or not a widget of this organization)"
-    if widget.is_archived:
-        return "widget archived: deployments of an archived widget are not published"
-    return None
+ARCHIVED_ERROR = "widget archived: deployments of an archived widget are not published"
+
+
+def _widget_gone_reason(
+    session: Session, organization_id: str, widget_id: str, widget: Widget | None
+) -> str | None:
+    if widget is not None:
+        return ARCHIVED_ERROR if widget.is_archived else None
+    # Gone: archived (and already removed by its archive job), or never this org's widget.
+    archived = session.exec(
+        select(ArchiveJob.id).where(
+            ArchiveJob.organization_id == organization_id, ArchiveJob.widget_id == widget_id
+        )
+    ).first()
+    if archived is not None:
+        return ARCHIVED_ERROR
+    return "widget not found (deleted, or not a widget of this organization)"
 
 
 def validate_job_ids(organization_id: object, widget_id: object, deployment_id: object) -> None:
@@ -111,7 +122,7 @@ def _claim(organization_id: str, widget_id: str, deployment_id: str) -> DeployOu
             )
         if dep.status in FINAL_STATUSES:
             return _outcome(dep)
-        gone = _widget_gone_reason(widget)
+        gone = _widget_gone_reason(session, organization_id, widget_id, widget)
         if gone is not None:
             _finish(dep, "failure", gone)
             return _outcome(dep)
@@ -138,7 +149,7 @@ def _publish(deployment_id: str, store: Callable[[], S3Store]) -> DeployOutcome:
             return _outcome(dep)
         assert dep.config is not None and dep.widget_version is not None
         widget = lock_widget(session, dep.organization_id, dep.widget_id)
-        gone = _widget_gone_reason(widget)
+        gone = _widget_gone_reason(session, dep.organization_id, dep.widget_id, widget)
         if gone is not None:
             _finish(dep, "failure", gone)
             return _outcome(dep)

@@ -1,0 +1,244 @@
+"""widgets.reconcile: jobs accepted but never started (enqueue lost, broker lost the message),
+jobs stuck ``running``, and the cap that ends a poison job ``failure``.
+
+Service-level tests run on both backends and look only at rows of their own organizations (the
+database is shared by the session); their leftovers are made final so no later reconcile sends
+them. End-to-end tests use the real in-process worker and Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+import redis
+from sqlmodel import col, select
+
+from tests.conftest import BUCKET
+from worker import constants as c
+from worker import producer
+from worker.celery import app
+from worker.db import unit_of_work
+from worker.ids import new_id
+from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, Organization, Widget, utcnow
+from worker.services.reconcile import (
+    MAX_REQUEUES,
+    READY_STALE_AFTER,
+    RUNNING_STALE_AFTER,
+    reconcile,
+)
+
+Job = Deployment | ArchiveJob
+READY_OLD = timedelta(seconds=READY_STALE_AFTER + 30)
+RUNNING_OLD = timedelta(seconds=RUNNING_STALE_AFTER + 30)
+
+
+def job_key(job: Job) -> str:
+    """What the report names a job by: ``deployment_id`` or the archive job's ``id``."""
+    return job.deployment_id if isinstance(job, Deployment) else job.id
+
+
+def add_job(model: type[Job], org_id: str, **fields: Any) -> Job:
+    job = model(organization_id=org_id, widget_id=fields.pop("widget_id", new_id()), **fields)
+    with unit_of_work() as s:
+        s.add(job)
+    return job
+
+
+def load(job: Job) -> Job:
+    with unit_of_work() as s:
+        row = s.get(type(job), job.id)
+        assert row is not None
+        return row
+
+
+def update(job: Job, **fields: Any) -> None:
+    with unit_of_work() as s:
+        row = s.get(type(job), job.id)
+        assert row is not None
+        for k, v in fields.items():
+            setattr(row, k, v)
+        s.add(row)
+
+
+def resent(report: Any, org_id: str) -> set[str]:
+    return {ident for o, _, ident in report.deployments + report.archives if o == org_id}
+
+
+@pytest.fixture
+def fresh_org() -> Iterator[str]:
+    org = Organization(name=f"reconcile-{uuid.uuid4().hex[:8]}")
+    with unit_of_work() as s:
+        s.add(org)
+    yield org.id
+    with unit_of_work() as s:
+        for model in (Deployment, ArchiveJob):
+            stmt = select(model).where(
+                model.organization_id == org.id, col(model.status).not_in(FINAL_STATUSES)
+            )
+            for job in s.exec(stmt).all():
+                job.status, job.finished_at = "failure", utcnow()
+                s.add(job)
+
+
+@pytest.mark.parametrize("model", [Deployment, ArchiveJob])
+def test_picks_up_lost_and_stuck_jobs_only(database, fresh_org, model):
+    now = utcnow()
+    lost = add_job(model, fresh_org, status="ready", enqueued_at=now - READY_OLD)
+    never_enqueued = add_job(model, fresh_org, status="ready", enqueued_at=None)
+    stuck = add_job(
+        model, fresh_org, status="running", started_at=now - RUNNING_OLD, attempts=1, requeues=2
+    )
+    left_alone = {
+        "just enqueued": add_job(model, fresh_org, enqueued_at=now - timedelta(seconds=5)),
+        "waiting for a retry": add_job(
+            model, fresh_org, enqueued_at=now - timedelta(seconds=READY_STALE_AFTER - 30)
+        ),
+        "running within the limit": add_job(
+            model, fresh_org, status="running", started_at=now - timedelta(seconds=30)
+        ),
+        "succeeded long ago": add_job(
+            model, fresh_org, status="success", enqueued_at=now - READY_OLD * 10
+        ),
+        "failed long ago": add_job(
+            model, fresh_org, status="failure", started_at=now - RUNNING_OLD * 10
+        ),
+    }
+    before = {name: load(job) for name, job in left_alone.items()}
+
+    report = reconcile(now=now)
+
+    assert resent(report, fresh_org) == {job_key(j) for j in (lost, never_enqueued, stuck)}
+    other = report.archives if model is Deployment else report.deployments
+    assert [t for t in other if t[0] == fresh_org] == []
+    for job, requeues in ((lost, 1), (never_enqueued, 1), (stuck, 3)):
+        row = load(job)
+        assert (row.status, row.requeues, row.enqueued_at) == ("ready", requeues, now), row
+    for name, job in left_alone.items():
+        row = load(job)
+        assert row.model_dump() == before[name].model_dump(), name
+
+    # Re-sent jobs are fresh again: a second pass right away sends nothing of this org.
+    assert resent(reconcile(now=now + timedelta(seconds=1)), fresh_org) == set()
+
+
+@pytest.mark.parametrize("model", [Deployment, ArchiveJob])
+def test_poison_job_ends_failure_after_max_requeues(database, fresh_org, model):
+    job = add_job(model, fresh_org, status="ready", enqueued_at=None, error="retrying: boom")
+    for n in range(1, MAX_REQUEUES + 1):
+        report = reconcile(now=utcnow())
+        assert resent(report, fresh_org) == {job_key(job)}, n
+        assert load(job).requeues == n
+        # Lost again: the re-sent message never started either.
+        update(job, enqueued_at=utcnow() - READY_OLD)
+
+    report = reconcile(now=utcnow())
+    assert resent(report, fresh_org) == set()
+    assert job_key(job) in report.failed
+    row = load(job)
+    assert (row.status, row.requeues) == ("failure", MAX_REQUEUES)
+    assert row.finished_at is not None
+    assert "gave up" in (row.error or "")
+    assert job_key(job) not in reconcile(now=utcnow() + READY_OLD * 10).failed
+
+
+@pytest.mark.parametrize("model", [Deployment, ArchiveJob])
+def test_stuck_running_job_at_the_cap_fails(database, fresh_org, model):
+    now = utcnow()
+    job = add_job(
+        model, fresh_org, status="running", started_at=now - RUNNING_OLD, requeues=MAX_REQUEUES
+    )
+    report = reconcile(now=now)
+    assert job_key(job) in report.failed
+    assert resent(report, fresh_org) == set()
+    row = load(job)
+    assert row.status == "failure" and "gave up" in (row.error or "")
+
+
+def _wait(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+def _final(job: Job) -> Job | None:
+    row = load(job)
+    return row if row.status in FINAL_STATUSES else None
+
+
+def test_reconcile_task_resends_jobs_whose_enqueue_was_lost(
+    sqlite_database, org, celery_worker, s3
+):
+    # The API committed these rows and died before sending anything.
+    live, doomed = org.widget(), org.widget()
+    dep = add_job(
+        Deployment, org.id, widget_id=live["id"], status="ready", enqueued_at=utcnow() - READY_OLD
+    )
+    with unit_of_work() as s:
+        w = s.get(Widget, doomed["id"])
+        assert w is not None
+        w.archived_at = utcnow()
+        s.add(w)
+    archive = add_job(ArchiveJob, org.id, widget_id=doomed["id"], status="ready", enqueued_at=None)
+
+    app.send_task(c.RECONCILE_TASK, queue=c.MAINTENANCE_QUEUE)
+
+    done = _wait(lambda: _final(dep), 60, "the re-sent deployment")
+    assert (done.status, done.requeues) == ("success", 1), done.error
+    obj = s3.get_object(Bucket=BUCKET, Key=org.container_key(live["id"]))
+    assert obj["Metadata"]["deployment-id"] == done.deployment_id
+    archived = _wait(lambda: _final(archive), 60, "the re-sent archive job")
+    assert (archived.status, archived.result, archived.requeues) == ("success", "deleted", 1)
+    with unit_of_work() as s:
+        assert s.get(Widget, doomed["id"]) is None
+
+
+def test_deploy_whose_broker_message_was_lost_is_resent(
+    request: pytest.FixtureRequest, sqlite_database, org, s3
+):
+    broker = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"])
+    # If the session's worker is already up, it must not take the message before we lose it.
+    paused = app.control.cancel_consumer(c.DEPLOY_QUEUE, reply=True, timeout=2)
+    try:
+        w = org.widget()
+        dep = org.deploy(w["id"])
+
+        def queued() -> bool:
+            return any(
+                dep["deployment_id"] in m.decode() for m in broker.lrange(c.DEPLOY_QUEUE, 0, -1)
+            )
+
+        _wait(queued, 30, "the deploy message in Redis")
+        broker.delete(c.DEPLOY_QUEUE)  # the broker lost its data
+        request.getfixturevalue("celery_worker")
+        if paused:
+            app.control.add_consumer(c.DEPLOY_QUEUE, reply=True, timeout=5)
+            paused = []
+        assert org.req("GET", f"/widgets/deployments/{dep['id']}").json()["status"] == "ready"
+
+        # Not yet stale: a message that still existed would have been redelivered by then.
+        early = reconcile(now=utcnow() + timedelta(seconds=READY_STALE_AFTER - 60))
+        assert dep["deployment_id"] not in resent(early, org.id)
+
+        report = reconcile(now=utcnow() + timedelta(seconds=READY_STALE_AFTER + 5))
+        assert resent(report, org.id) == {dep["deployment_id"]}
+        for org_id, widget_id, dep_id in report.deployments:
+            if org_id == org.id:
+                assert producer.send_deploy(org_id, widget_id, dep_id)
+
+        done = org.wait_deployment(dep["id"])
+        assert done["status"] == "success", done
+        body = s3.get_object(Bucket=BUCKET, Key=org.container_key(w["id"]))["Body"].read()
+        assert dep["deployment_id"].encode() in body
+    finally:
+        if paused:
+            app.control.add_consumer(c.DEPLOY_QUEUE, reply=True, timeout=5)
