@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Protocol, TypeVar
 
 from fastapi import Depends, Header, Query
 from sqlmodel import Session
 
 from api_stub.auth import read_token
-from api_stub.errors import ApiError, bad_request
+from api_stub.errors import ApiError, bad_request, not_found
 from worker.db import get_engine
 from worker.ids import is_safe_id
 from worker.models import Organization
@@ -80,3 +80,21 @@ def admin_dep(settings: SettingsDep, authorization: Annotated[str | None, Header
 
 OrgDep = Annotated[Organization, Depends(organization_dep)]
 AdminDep = Annotated[None, Depends(admin_dep)]
+
+
+class _Owned(Protocol):
+    organization_id: str
+
+
+OwnedT = TypeVar("OwnedT", bound=_Owned)
+
+
+def get_owned(
+    session: Session, model: type[OwnedT], org: Organization, ident: str, what: str
+) -> OwnedT:
+    """Row ``ident`` of ``model`` if it belongs to ``org``; another tenant's row is a 404 too."""
+    require_safe_path_id(ident)
+    row = session.get(model, ident)
+    if row is None or row.organization_id != org.id:
+        raise not_found(what, ident)
+    return row

@@ -9,10 +9,11 @@ from typing import Any, TypeVar
 
 from fastapi import Request
 from sqlalchemy import asc, desc
-from sqlmodel import SQLModel, col, func, select
+from sqlmodel import Session, SQLModel, col, func, select
 from sqlmodel.sql.expression import SelectOfScalar
 
 from api_stub.errors import bad_request
+from api_stub.schemas.common import Page
 from worker.ids import is_safe_id
 
 DEFAULT_LIMIT = 100
@@ -22,6 +23,7 @@ _SORT_PARAM = re.compile(r"\$sort\[([^\]]*)\]")
 # Parameters every organization route takes; not filters.
 _ROUTING_PARAMS = frozenset({"organization_id"})
 M = TypeVar("M", bound=SQLModel)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -105,3 +107,16 @@ def apply_list_query(
 
 def count_of(stmt: SelectOfScalar[M]) -> SelectOfScalar[int]:
     return select(func.count()).select_from(stmt.order_by(None).subquery())
+
+
+def fetch_page(
+    session: Session,
+    stmt: SelectOfScalar[M],
+    model: type[M],
+    query: ListQuery,
+    convert: Callable[[Sequence[M]], list[T]],
+) -> Page[T]:
+    """The ``{total, limit, skip, data}`` envelope of a filtered, sorted, paged list."""
+    total = session.exec(count_of(stmt)).one()
+    rows = session.exec(apply_list_query(stmt, model, query)).all()
+    return Page(total=total, limit=query.limit, skip=query.skip, data=convert(rows))

@@ -5,14 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response, status
-from sqlmodel import Session, select
+from sqlmodel import select
 
-from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
+from api_stub.deps import OrgDep, SessionDep, get_owned, require_safe_path_id
 from api_stub.errors import not_found
 from api_stub.query import ListQuery, apply_list_query, list_query
 from api_stub.schemas.archive import ArchivedWidgetPublic, ArchiveJobPublic
 from worker import producer
-from worker.models import ArchivedWidget, ArchiveJob, Organization
+from worker.models import ArchivedWidget, ArchiveJob
 from worker.services.archive import latest_job, mark_archived
 from worker.services.locking import lock_widget
 
@@ -41,24 +41,15 @@ def list_archived_widgets(
 
 @router.get("/archived/{widget_id}")
 def get_archived_widget(widget_id: str, org: OrgDep, session: SessionDep) -> ArchivedWidgetPublic:
-    require_safe_path_id(widget_id)
-    row = session.get(ArchivedWidget, widget_id)
-    if row is None or row.organization_id != org.id:
-        raise not_found("archived widget", widget_id)
+    row = get_owned(session, ArchivedWidget, org, widget_id, "archived widget")
     return ArchivedWidgetPublic.model_validate(row)
-
-
-def _get_job(session: Session, org: Organization, job_id: str) -> ArchiveJob:
-    require_safe_path_id(job_id)
-    job = session.get(ArchiveJob, job_id)
-    if job is None or job.organization_id != org.id:
-        raise not_found("archive job", job_id)
-    return job
 
 
 @router.get("/archive-jobs/{job_id}", name="get_archive_job")
 def get_archive_job(job_id: str, org: OrgDep, session: SessionDep) -> ArchiveJobPublic:
-    return ArchiveJobPublic.model_validate(_get_job(session, org, job_id))
+    return ArchiveJobPublic.model_validate(
+        get_owned(session, ArchiveJob, org, job_id, "archive job")
+    )
 
 
 @router.delete("/{widget_id}", status_code=status.HTTP_202_ACCEPTED)

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, UploadFile, status
 from sqlmodel import Session, select
 
-from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
+from api_stub.deps import OrgDep, SessionDep, get_owned
 from api_stub.errors import ApiError, bad_request, not_found
 from api_stub.routes.widgets import get_live_widget
 from api_stub.schemas.archive import AssetPublic
@@ -104,9 +104,8 @@ def list_assets(widget_id: str, org: OrgDep, session: SessionDep) -> list[AssetP
 @router.delete("/{widget_id}/assets/{asset_id}")
 def delete_asset(widget_id: str, asset_id: str, org: OrgDep, session: SessionDep) -> AssetPublic:
     get_live_widget(session, org, widget_id)
-    require_safe_path_id(asset_id, "asset_id")
-    asset = session.get(WidgetAsset, asset_id)
-    if asset is None or asset.organization_id != org.id or asset.widget_id != widget_id:
+    asset = get_owned(session, WidgetAsset, org, asset_id, "asset")
+    if asset.widget_id != widget_id:
         raise not_found("asset", asset_id)
     removed = AssetPublic.model_validate(asset)
     try:

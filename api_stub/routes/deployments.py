@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
+from api_stub.deps import OrgDep, SessionDep, get_owned
 from api_stub.errors import ApiError, not_found
 from api_stub.query import ListQuery, apply_list_query, list_query
 from api_stub.routes.widgets import get_live_widget
@@ -21,11 +21,7 @@ router = APIRouter(prefix="/widgets/deployments", tags=["deployments"])
 
 
 def _get(session: Session, org: Organization, ident: str) -> Deployment:
-    require_safe_path_id(ident)
-    dep = session.get(Deployment, ident)
-    if dep is None or dep.organization_id != org.id:
-        raise not_found("deployment", ident)
-    return dep
+    return get_owned(session, Deployment, org, ident, "deployment")
 
 
 def _accepted(request: Request, response: Response, dep: Deployment) -> DeploymentPublic:

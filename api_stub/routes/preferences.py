@@ -8,9 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, status
 from sqlmodel import Session, col, select
 
-from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
-from api_stub.errors import bad_request, not_found
-from api_stub.query import ListQuery, apply_list_query, count_of, list_query
+from api_stub.deps import OrgDep, SessionDep, get_owned
+from api_stub.errors import bad_request
+from api_stub.query import ListQuery, fetch_page, list_query
 from api_stub.schemas.catalog import (
     PreferenceCreate,
     PreferencePublic,
@@ -51,11 +51,7 @@ def _public(pref: Preference, values: Sequence[PreferenceValue]) -> PreferencePu
 
 
 def _get(session: Session, org: Organization, preference_id: str) -> Preference:
-    require_safe_path_id(preference_id)
-    pref = session.get(Preference, preference_id)
-    if pref is None or pref.organization_id != org.id:
-        raise not_found("preference", preference_id)
-    return pref
+    return get_owned(session, Preference, org, preference_id, "preference")
 
 
 def _replace_values(
@@ -108,11 +104,12 @@ def list_preferences(
     org: OrgDep, session: SessionDep, query: Annotated[ListQuery, Depends(list_query())]
 ) -> Page[PreferencePublic]:
     stmt = select(Preference).where(Preference.organization_id == org.id)
-    total = session.exec(count_of(stmt)).one()
-    rows = session.exec(apply_list_query(stmt, Preference, query)).all()
-    values = _values(session, [p.id for p in rows])
-    data = [_public(p, values.get(p.id, [])) for p in rows]
-    return Page(total=total, limit=query.limit, skip=query.skip, data=data)
+
+    def convert(rows: Sequence[Preference]) -> list[PreferencePublic]:
+        values = _values(session, [p.id for p in rows])
+        return [_public(p, values.get(p.id, [])) for p in rows]
+
+    return fetch_page(session, stmt, Preference, query, convert)
 
 
 @router.get("/{preference_id}")

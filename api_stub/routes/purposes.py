@@ -7,9 +7,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, status
 from sqlmodel import Session, select
 
-from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
-from api_stub.errors import not_found
-from api_stub.query import ListQuery, apply_list_query, count_of, list_query
+from api_stub.deps import OrgDep, SessionDep, get_owned
+from api_stub.query import ListQuery, fetch_page, list_query
 from api_stub.schemas.catalog import PurposeCreate, PurposePublic, PurposeUpdate
 from api_stub.schemas.common import Page
 from worker.models import Organization, Purpose, utcnow
@@ -18,11 +17,7 @@ router = APIRouter(prefix="/metadata/purposes", tags=["purposes"])
 
 
 def _get(session: Session, org: Organization, purpose_id: str) -> Purpose:
-    require_safe_path_id(purpose_id)
-    purpose = session.get(Purpose, purpose_id)
-    if purpose is None or purpose.organization_id != org.id:
-        raise not_found("purpose", purpose_id)
-    return purpose
+    return get_owned(session, Purpose, org, purpose_id, "purpose")
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -38,10 +33,9 @@ def list_purposes(
     org: OrgDep, session: SessionDep, query: Annotated[ListQuery, Depends(list_query())]
 ) -> Page[PurposePublic]:
     stmt = select(Purpose).where(Purpose.organization_id == org.id)
-    total = session.exec(count_of(stmt)).one()
-    rows = session.exec(apply_list_query(stmt, Purpose, query)).all()
-    data = [PurposePublic.model_validate(p) for p in rows]
-    return Page(total=total, limit=query.limit, skip=query.skip, data=data)
+    return fetch_page(
+        session, stmt, Purpose, query, lambda rows: [PurposePublic.model_validate(p) for p in rows]
+    )
 
 
 @router.get("/{purpose_id}")

@@ -10,7 +10,7 @@ from sqlmodel import select
 from api_stub.auth import hash_secret, issue_token, new_secret, secret_matches
 from api_stub.deps import AdminDep, SessionDep, SettingsDep, require_safe_path_id
 from api_stub.errors import ApiError, not_found
-from api_stub.query import ListQuery, apply_list_query, count_of, list_query
+from api_stub.query import ListQuery, fetch_page, list_query
 from api_stub.schemas.common import Page
 from api_stub.schemas.widgets import (
     ApiKeyPublic,
@@ -40,13 +40,12 @@ def list_organizations(
     session: SessionDep, _: AdminDep, query: Annotated[ListQuery, Depends(list_query())]
 ) -> Page[OrganizationPublic]:
     stmt = select(Organization)
-    total = session.exec(count_of(stmt)).one()
-    rows = session.exec(apply_list_query(stmt, Organization, query)).all()
-    return Page(
-        total=total,
-        limit=query.limit,
-        skip=query.skip,
-        data=[OrganizationPublic.model_validate(o) for o in rows],
+    return fetch_page(
+        session,
+        stmt,
+        Organization,
+        query,
+        lambda rows: [OrganizationPublic.model_validate(o) for o in rows],
     )
 
 

@@ -10,7 +10,7 @@ from sqlmodel import Session, col, select
 
 from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
 from api_stub.errors import bad_request, not_found
-from api_stub.query import ListQuery, apply_list_query, count_of, list_query
+from api_stub.query import ListQuery, fetch_page, list_query
 from api_stub.schemas.common import Page
 from api_stub.schemas.widgets import WidgetCreate, WidgetPublic, WidgetUpdate
 from worker.models import Organization, Preference, Purpose, Widget
@@ -72,10 +72,9 @@ def list_widgets(
     org: OrgDep, session: SessionDep, query: Annotated[ListQuery, Depends(list_query())]
 ) -> Page[WidgetPublic]:
     stmt = select(Widget).where(Widget.organization_id == org.id, col(Widget.archived_at).is_(None))
-    total = session.exec(count_of(stmt)).one()
-    rows = session.exec(apply_list_query(stmt, Widget, query)).all()
-    data = [WidgetPublic.model_validate(w) for w in rows]
-    return Page(total=total, limit=query.limit, skip=query.skip, data=data)
+    return fetch_page(
+        session, stmt, Widget, query, lambda rows: [WidgetPublic.model_validate(w) for w in rows]
+    )
 
 
 @router.get("/{widget_id}")

@@ -25,7 +25,6 @@ from sqlmodel import Session, col, select
 from worker.db import unit_of_work
 from worker.ids import require_safe_id
 from worker.models import (
-    FINAL_STATUSES,
     ArchivedWidget,
     ArchiveJob,
     Organization,
@@ -34,6 +33,7 @@ from worker.models import (
     utcnow,
 )
 from worker.s3 import S3Store
+from worker.services import job_state
 from worker.services.deploy import MAX_ATTEMPTS, InvalidJobError
 from worker.services.locking import lock_widget
 from worker.services.snapshot import container_key
@@ -57,12 +57,6 @@ class ArchiveOutcome:
 
 def _outcome(job: ArchiveJob) -> ArchiveOutcome:
     return ArchiveOutcome(job.id, job.widget_id, job.status, job.result, job.error)
-
-
-def _finish(job: ArchiveJob, status: str, error: str | None = None) -> None:
-    """The one place an archive job becomes final."""
-    now = utcnow()
-    job.status, job.error, job.finished_at, job.updated_at = status, error, now, now
 
 
 def mark_archived(session: Session, widget: Widget) -> ArchiveJob:
@@ -90,7 +84,7 @@ def _job_for_producer(
 ) -> ArchiveJob:
     """A message without ``archive_job_id`` (a producer that bypassed the API)."""
     existing = latest_job(session, organization_id, widget_id)
-    if existing is not None and (existing.status not in FINAL_STATUSES or widget is None):
+    if existing is not None and (not job_state.is_final(existing) or widget is None):
         return existing  # in flight, or done already: a re-run reports the same result
     if widget is None:
         raise InvalidJobError(f"widget {widget_id} not found")
@@ -113,22 +107,22 @@ def _claim(organization_id: str, widget_id: str, job_id: str | None) -> ArchiveJ
             job = _job_for_producer(session, widget, organization_id, widget_id)
         if job.organization_id != organization_id or job.widget_id != widget_id:
             raise InvalidJobError(f"archive job {job.id} is for another organization or widget")
-        if job.status in FINAL_STATUSES:
+        if job_state.is_final(job):
             return job
         if job.result is None:
             if widget is None:
-                _finish(job, "failure", "widget not found")
+                job_state.finish(job, "failure", "widget not found")
                 return job
             if not widget.is_archived:
                 widget.archived_at = utcnow()
             # The plan is fixed now, before anything is destroyed.
             draft = widget.publication_status == "draft"
             job.result = RESULT_DELETED if draft else RESULT_ARCHIVED
-        if job.attempts >= MAX_ATTEMPTS:
-            _finish(job, "failure", f"gave up after {job.attempts} attempts: {job.error or ''}")
-            return job
-        job.attempts += 1
-        job.status, job.started_at, job.updated_at = "running", utcnow(), utcnow()
+        gave_up = job_state.give_up_reason(job, MAX_ATTEMPTS)
+        if gave_up is not None:
+            job_state.finish(job, "failure", gave_up)
+        else:
+            job_state.start(job)
         session.add(job)
         return job
 
@@ -188,7 +182,7 @@ def run_archive(
     if archive_job_id is not None:
         require_safe_id(archive_job_id, "archive_job_id")
     job = _claim(organization_id, widget_id, archive_job_id)
-    if job.status in FINAL_STATUSES:
+    if job_state.is_final(job):
         return _outcome(job)
     _delete_assets(organization_id, widget_id, store)
     _remove_widget(job.id)
@@ -201,19 +195,15 @@ def run_archive(
     with unit_of_work() as session:
         final = session.get(ArchiveJob, job.id)
         assert final is not None
-        if final.status not in FINAL_STATUSES:
-            _finish(final, "success")
+        if not job_state.is_final(final):
+            job_state.finish(final, "success")
             session.add(final)
         return _outcome(final)
 
 
 def note_retry(archive_job_id: str, error: str) -> None:
     with unit_of_work() as session:
-        job = session.get(ArchiveJob, archive_job_id)
-        if job is not None and job.status not in FINAL_STATUSES:
-            job.status, job.error, job.enqueued_at = "ready", f"retrying: {error}", utcnow()
-            job.updated_at = utcnow()
-            session.add(job)
+        job_state.note_retry(session.get(ArchiveJob, archive_job_id), error)
 
 
 def record_failure(
@@ -224,9 +214,4 @@ def record_failure(
             job = latest_job(session, organization_id, widget_id)
         else:
             job = session.get(ArchiveJob, archive_job_id)
-        if job is None or job.status in FINAL_STATUSES:
-            return
-        if job.organization_id != organization_id or job.widget_id != widget_id:
-            return  # a forged message must not fail somebody else's job
-        _finish(job, "failure", error)
-        session.add(job)
+        job_state.record_failure(job, organization_id, widget_id, error)

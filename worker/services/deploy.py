@@ -26,8 +26,9 @@ from sqlmodel import Session, select
 
 from worker.db import unit_of_work
 from worker.ids import require_safe_id
-from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, Organization, Widget, utcnow
+from worker.models import ArchiveJob, Deployment, Organization, Widget, utcnow
 from worker.s3 import S3Store
+from worker.services import job_state
 from worker.services.locking import lock_widget
 from worker.services.snapshot import (
     build_snapshot,
@@ -62,12 +63,6 @@ def _outcome(dep: Deployment, published: bool = False) -> DeployOutcome:
     return DeployOutcome(
         dep.deployment_id, dep.status, published, dep.live_deployment_id, dep.error
     )
-
-
-def _finish(dep: Deployment, status: str, error: str | None = None) -> None:
-    """The one place a deployment becomes final."""
-    now = utcnow()
-    dep.status, dep.error, dep.finished_at, dep.updated_at = status, error, now, now
 
 
 def _find(session: Session, deployment_id: str) -> Deployment | None:
@@ -120,23 +115,20 @@ def _claim(organization_id: str, widget_id: str, deployment_id: str) -> DeployOu
             raise InvalidJobError(
                 f"deployment {deployment_id} belongs to another organization or widget"
             )
-        if dep.status in FINAL_STATUSES:
+        if job_state.is_final(dep):
             return _outcome(dep)
-        gone = _widget_gone_reason(session, organization_id, widget_id, widget)
-        if gone is not None:
-            _finish(dep, "failure", gone)
+        failed = _widget_gone_reason(session, organization_id, widget_id, widget)
+        failed = failed or job_state.give_up_reason(dep, MAX_ATTEMPTS)
+        if failed is not None:
+            job_state.finish(dep, "failure", failed)
             return _outcome(dep)
         assert widget is not None
-        if dep.attempts >= MAX_ATTEMPTS:
-            _finish(dep, "failure", f"gave up after {dep.attempts} attempts: {dep.error or ''}")
-            return _outcome(dep)
         if dep.config is None:
             dep.config = build_snapshot(session, widget, deployment_id)
             dep.widget_version = widget.version
             dep.content_checksum = content_checksum(dep.config)
             dep.s3_key = container_key(org.api_key, widget.id)
-        dep.attempts += 1
-        dep.status, dep.started_at, dep.updated_at = "running", utcnow(), utcnow()
+        job_state.start(dep)
         return None
 
 
@@ -145,26 +137,26 @@ def _publish(deployment_id: str, store: Callable[[], S3Store]) -> DeployOutcome:
     with unit_of_work() as session:
         dep = _find(session, deployment_id)
         assert dep is not None
-        if dep.status in FINAL_STATUSES:
+        if job_state.is_final(dep):
             return _outcome(dep)
         assert dep.config is not None and dep.widget_version is not None
         widget = lock_widget(session, dep.organization_id, dep.widget_id)
         gone = _widget_gone_reason(session, dep.organization_id, dep.widget_id, widget)
         if gone is not None:
-            _finish(dep, "failure", gone)
+            job_state.finish(dep, "failure", gone)
             return _outcome(dep)
         assert widget is not None
         live = _find(session, widget.live_deployment_id) if widget.live_deployment_id else None
         if widget.published_version is not None and widget.published_version > dep.widget_version:
             # Overtaken: a newer deployment is live. Writing would put an older snapshot back.
             dep.live_deployment_id = widget.live_deployment_id
-            _finish(dep, "success")
+            job_state.finish(dep, "success")
             return _outcome(dep)
         if live is not None and live.content_checksum == dep.content_checksum:
             # Same content is already on S3: nothing to rewrite, but the widget is now up to date.
             widget.published_version = max(widget.published_version or 0, dep.widget_version)
             dep.live_deployment_id = live.deployment_id
-            _finish(dep, "success")
+            job_state.finish(dep, "success")
             return _outcome(dep)
         body = canonical_json(dep.config)
         dep.checksum = sha256_hex(body)
@@ -177,7 +169,7 @@ def _publish(deployment_id: str, store: Callable[[], S3Store]) -> DeployOutcome:
         widget.published_version = dep.widget_version
         widget.live_deployment_id = dep.deployment_id
         dep.live_deployment_id = dep.deployment_id
-        _finish(dep, "success")
+        job_state.finish(dep, "success")
         return _outcome(dep, published=True)
 
 
@@ -195,20 +187,11 @@ def run_deployment(
 
 
 def note_retry(deployment_id: str, error: str) -> None:
-    """A transient failure will be retried: back to ``ready``, with the reason, until then."""
     with unit_of_work() as session:
-        dep = _find(session, deployment_id)
-        if dep is not None and dep.status not in FINAL_STATUSES:
-            dep.status, dep.error, dep.enqueued_at = "ready", f"retrying: {error}", utcnow()
-            dep.updated_at = utcnow()
+        job_state.note_retry(_find(session, deployment_id), error)
 
 
 def record_failure(organization_id: str, widget_id: str, deployment_id: str, error: str) -> None:
-    """Out of retries or failed permanently: ``failure``; the widget's status is left as it was."""
+    """``failure``; the widget's publication status is left as it was."""
     with unit_of_work() as session:
-        dep = _find(session, deployment_id)
-        if dep is None or dep.status in FINAL_STATUSES:
-            return
-        if dep.organization_id != organization_id or dep.widget_id != widget_id:
-            return  # a forged message must not fail somebody else's deployment
-        _finish(dep, "failure", error)
+        job_state.record_failure(_find(session, deployment_id), organization_id, widget_id, error)

@@ -22,6 +22,7 @@ from sqlmodel import Session, col, or_, select
 from worker import constants as c
 from worker.db import is_postgres, unit_of_work
 from worker.models import ArchiveJob, Deployment, utcnow
+from worker.services import job_state
 
 READY_STALE_AFTER = c.VISIBILITY_TIMEOUT + 30
 RUNNING_STALE_AFTER = c.TASK_TIME_LIMIT + 30
@@ -60,13 +61,13 @@ def _stale(session: Session, model: type[J], now: datetime) -> list[J]:
 
 def _requeue_or_fail(job: Deployment | ArchiveJob, now: datetime) -> bool:
     """True if the job should be re-sent; otherwise it is now ``failure``."""
-    job.updated_at = now
     if job.requeues >= MAX_REQUEUES:
-        job.status, job.finished_at = "failure", now
-        job.error = f"gave up after {job.requeues} re-enqueues by the reconciler: {job.error or ''}"
+        reason = f"gave up after {job.requeues} re-enqueues by the reconciler: {job.error or ''}"
+        job_state.finish(job, "failure", reason)
         return False
     job.requeues += 1
-    job.status, job.enqueued_at = "ready", now
+    job_state.back_to_ready(job)
+    job.enqueued_at = job.updated_at = now
     return True
 
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
-
 from worker import constants as c
 from worker.celery import app
 from worker.ids import is_safe_id
-from worker.s3 import TransientS3Error, get_store
+from worker.s3 import get_store
 from worker.services import archive as service
-from worker.tasks.base import JobTask
+from worker.tasks.base import RETRY_ON_TRANSIENT_ERRORS, JobTask
 
 
 def _ids(kwargs: dict[str, Any]) -> tuple[str, str, str | None] | None:
@@ -38,11 +36,7 @@ class ArchiveTask(JobTask):
     bind=True,
     base=ArchiveTask,
     name=c.ARCHIVE_TASK,
-    autoretry_for=(TransientS3Error, SoftTimeLimitExceeded),
-    retry_backoff=c.RETRY_BACKOFF_SECONDS,
-    retry_backoff_max=c.RETRY_BACKOFF_MAX_SECONDS,
-    retry_jitter=True,
-    max_retries=c.MAX_RETRIES,
+    **RETRY_ON_TRANSIENT_ERRORS,
 )
 def archive(
     self: ArchiveTask, organization_id: str, widget_id: str, archive_job_id: str | None = None

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
-
 from worker import constants as c
 from worker.celery import app
 from worker.ids import is_safe_id
-from worker.s3 import TransientS3Error, get_store
+from worker.s3 import get_store
 from worker.services import deploy as service
-from worker.tasks.base import JobTask
+from worker.tasks.base import RETRY_ON_TRANSIENT_ERRORS, JobTask
 
 
 def _ids(kwargs: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -35,11 +33,7 @@ class DeployTask(JobTask):
     bind=True,
     base=DeployTask,
     name=c.DEPLOY_TASK,
-    autoretry_for=(TransientS3Error, SoftTimeLimitExceeded),
-    retry_backoff=c.RETRY_BACKOFF_SECONDS,
-    retry_backoff_max=c.RETRY_BACKOFF_MAX_SECONDS,
-    retry_jitter=True,
-    max_retries=c.MAX_RETRIES,
+    **RETRY_ON_TRANSIENT_ERRORS,
 )
 def deploy(
     self: DeployTask, organization_id: str, widget_id: str, deployment_id: str

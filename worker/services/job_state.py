@@ -1,0 +1,55 @@
+"""Job status transitions, shared by deployments and archive jobs: the one place they are written.
+
+``ready`` → ``running`` (claimed) → ``success`` | ``failure`` (final, never left again);
+``running`` → ``ready`` when a transient failure will be retried or the reconciler re-sends it.
+"""
+
+from __future__ import annotations
+
+from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, utcnow
+
+Job = Deployment | ArchiveJob
+
+
+def is_final(job: Job) -> bool:
+    return job.status in FINAL_STATUSES
+
+
+def start(job: Job) -> None:
+    now = utcnow()
+    job.attempts += 1
+    job.status, job.started_at, job.updated_at = "running", now, now
+
+
+def finish(job: Job, status: str, error: str | None = None) -> None:
+    now = utcnow()
+    job.status, job.error, job.finished_at, job.updated_at = status, error, now, now
+
+
+def back_to_ready(job: Job, error: str | None = None) -> None:
+    now = utcnow()
+    job.status, job.enqueued_at, job.updated_at = "ready", now, now
+    if error is not None:
+        job.error = error
+
+
+def note_retry(job: Job | None, error: str) -> None:
+    """A transient failure will be retried: ``ready`` again, with the reason, until then."""
+    if job is not None and not is_final(job):
+        back_to_ready(job, f"retrying: {error}")
+
+
+def record_failure(job: Job | None, organization_id: str, widget_id: str, error: str) -> None:
+    """Out of retries or failed permanently. A message naming another organization's or widget's
+    job (forged, or simply wrong) must not fail it, so the IDs have to match."""
+    if job is None or is_final(job):
+        return
+    if job.organization_id != organization_id or job.widget_id != widget_id:
+        return
+    finish(job, "failure", error)
+
+
+def give_up_reason(job: Job, max_attempts: int) -> str | None:
+    if job.attempts >= max_attempts:
+        return f"gave up after {job.attempts} attempts: {job.error or ''}"
+    return None
