@@ -98,3 +98,11 @@ def get_owned(
     if row is None or row.organization_id != org.id:
         raise not_found(what, ident)
     return row
+
+
+def check_body_org(body_org: str | None, org: Organization) -> None:
+    if body_org is not None and body_org != org.id:
+        raise bad_request(
+            "organization_id in the body does not match the query",
+            {"organization_id": "does not match ?organization_id="},
+        )

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response, status
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from api_stub.deps import OrgDep, SessionDep, get_owned
+from api_stub.deps import OrgDep, SessionDep, check_body_org, get_owned
 from api_stub.errors import ApiError, not_found
 from api_stub.query import ListQuery, apply_list_query, list_query
 from api_stub.routes.widgets import get_live_widget
@@ -52,6 +52,7 @@ def create_deployment(
     response: Response,
 ) -> DeploymentPublic:
     """Accept a deploy: the row is committed (``ready``), then the job is sent to the workers."""
+    check_body_org(body.organization_id, org)
     if body.deployment_id is not None and (
         existing := _by_deployment_id(session, body.deployment_id)
     ):

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, status
 from sqlmodel import Session, col, select
 
-from api_stub.deps import OrgDep, SessionDep, get_owned
+from api_stub.deps import OrgDep, SessionDep, check_body_org, get_owned
 from api_stub.errors import bad_request
 from api_stub.query import ListQuery, fetch_page, list_query
 from api_stub.schemas.catalog import (
@@ -84,6 +84,7 @@ def _replace_values(
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_preference(body: PreferenceCreate, org: OrgDep, session: SessionDep) -> PreferencePublic:
+    check_body_org(body.organization_id, org)
     if any(v.id is not None for v in body.values):
         raise bad_request("values of a new preference cannot carry an id", {"values": "id given"})
     pref = Preference(

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, status
 from sqlmodel import Session, select
 
-from api_stub.deps import OrgDep, SessionDep, get_owned
+from api_stub.deps import OrgDep, SessionDep, check_body_org, get_owned
 from api_stub.query import ListQuery, fetch_page, list_query
 from api_stub.schemas.catalog import PurposeCreate, PurposePublic, PurposeUpdate
 from api_stub.schemas.common import Page
@@ -22,6 +22,7 @@ def _get(session: Session, org: Organization, purpose_id: str) -> Purpose:
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_purpose(body: PurposeCreate, org: OrgDep, session: SessionDep) -> PurposePublic:
+    check_body_org(body.organization_id, org)
     purpose = Purpose(organization_id=org.id, description=body.description, metadata_=body.metadata)
     session.add(purpose)
     session.commit()

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, status
 from sqlmodel import Session, col, select
 
-from api_stub.deps import OrgDep, SessionDep, require_safe_path_id
+from api_stub.deps import OrgDep, SessionDep, check_body_org, require_safe_path_id
 from api_stub.errors import bad_request, not_found
 from api_stub.query import ListQuery, fetch_page, list_query
 from api_stub.schemas.common import Page
@@ -60,8 +60,11 @@ def _check_selected(
 
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_widget(body: WidgetCreate, org: OrgDep, session: SessionDep) -> WidgetPublic:
+    check_body_org(body.organization_id, org)
     _check_selected(session, org, body.selected_purposes_ids, body.selected_preferences_ids)
-    widget = Widget(organization_id=org.id, last_domain_used=body.domain, **body.model_dump())
+    fields = body.model_dump(exclude={"organization_id"})
+    fields["last_domain_used"] = fields["last_domain_used"] or body.domain
+    widget = Widget(organization_id=org.id, **fields)
     session.add(widget)
     session.commit()
     return WidgetPublic.model_validate(widget)
@@ -100,7 +103,7 @@ def update_widget(
     if edited:
         for key, value in edited.items():
             setattr(widget, key, value)
-        if edited.get("domain"):
+        if edited.get("domain") and "last_domain_used" not in changes:
             widget.last_domain_used = edited["domain"]
         widget.touch_content()
         session.add(widget)

@@ -10,6 +10,7 @@ from api_stub.schemas.common import (
     InputModel,
     JsonObject,
     LanguageMap,
+    OrgScopedInput,
     OutputModel,
     SafeId,
     Timestamp,
@@ -20,7 +21,7 @@ PreferenceType = Literal["single", "multi"]
 _METADATA = AliasChoices("metadata_", "metadata")
 
 
-class PurposeCreate(InputModel):
+class PurposeCreate(OrgScopedInput):
     description: LanguageMap
     metadata: JsonObject = Field(default_factory=dict)
 
@@ -56,7 +57,7 @@ class PreferenceValuePublic(OutputModel):
     updated_at: Timestamp
 
 
-class PreferenceCreate(InputModel):
+class PreferenceCreate(OrgScopedInput):
     name: LanguageMap
     description: LanguageMap = Field(default_factory=dict)
     type: PreferenceType = "single"

@@ -31,6 +31,12 @@ class InputModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class OrgScopedInput(InputModel):
+    """A create body may repeat the organization (as Didomi clients often do); it must match."""
+
+    organization_id: SafeId | None = None
+
+
 class OutputModel(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 

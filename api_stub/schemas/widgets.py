@@ -6,14 +6,21 @@ from typing import Literal
 
 from pydantic import Field
 
-from api_stub.schemas.common import InputModel, JsonObject, OutputModel, SafeId, Timestamp
+from api_stub.schemas.common import (
+    InputModel,
+    JsonObject,
+    OrgScopedInput,
+    OutputModel,
+    SafeId,
+    Timestamp,
+)
 
 WidgetFormat = Literal["embeddable", "hosted"]
 TemplateId = Literal["sections", "sections_and_save", "full_preference_center", "dsar_form"]
 Language = str
 
 
-class WidgetCreate(InputModel):
+class WidgetCreate(OrgScopedInput):
     name: str = Field(min_length=1, max_length=255)
     format: WidgetFormat = "embeddable"
     template_id: TemplateId = "sections"
@@ -23,6 +30,7 @@ class WidgetCreate(InputModel):
     enabled_languages: list[Language] = Field(default_factory=lambda: ["en"], max_length=200)
     default_language: Language = Field(default="en", max_length=16)
     domain: str | None = Field(default=None, max_length=255)
+    last_domain_used: str | None = Field(default=None, max_length=255)
     selected_purposes_ids: list[SafeId] = Field(default_factory=list, max_length=1000)
     selected_preferences_ids: list[SafeId] = Field(default_factory=list, max_length=1000)
     components: JsonObject = Field(default_factory=dict)
@@ -38,6 +46,7 @@ class WidgetUpdate(InputModel):
     enabled_languages: list[Language] | None = Field(default=None, max_length=200)
     default_language: Language | None = Field(default=None, max_length=16)
     domain: str | None = Field(default=None, max_length=255)
+    last_domain_used: str | None = Field(default=None, max_length=255)
     selected_purposes_ids: list[SafeId] | None = Field(default=None, max_length=1000)
     selected_preferences_ids: list[SafeId] | None = Field(default=None, max_length=1000)
     components: JsonObject | None = None
@@ -66,7 +75,7 @@ class WidgetPublic(OutputModel):
     updated_at: Timestamp
 
 
-class DeploymentCreate(InputModel):
+class DeploymentCreate(OrgScopedInput):
     widget_id: SafeId
     # Optional idempotency key: sending the same one twice returns the first deployment.
     deployment_id: SafeId | None = None

@@ -279,3 +279,35 @@ def test_selecting_an_entity_of_another_organization_is_400(database, make_org, 
     assert org.req("GET", f"/widgets/{w['id']}").json()[field] == []
     r = org.req("POST", "/widgets", json={"name": "w", field: [str(uuid.uuid4())]})
     assert r.status_code == 400 and field in r.json()["errors"], r.text
+
+
+def test_body_may_repeat_its_organization_but_not_another(database, org, make_org):
+    other = make_org()
+    ok = org.req("POST", "/widgets", json={"name": "w", "organization_id": org.id})
+    assert ok.status_code == 201, ok.text
+    assert ok.json()["organization_id"] == org.id
+    for path, body in (
+        ("/widgets", {"name": "w"}),
+        ("/metadata/purposes", {"description": {"en": "x"}}),
+        ("/preferences", {"name": {"en": "x"}}),
+        ("/widgets/deployments", {"widget_id": ok.json()["id"]}),
+    ):
+        r = org.req("POST", path, json={**body, "organization_id": other.id})
+        assert r.status_code == 400, (path, r.text)
+        assert "organization_id" in r.json()["errors"]
+    listed = org.req("GET", "/widgets").json()
+    assert [w["id"] for w in listed["data"]] == [ok.json()["id"]]
+    assert org.req("GET", "/widgets/deployments").json() == []
+
+
+def test_last_domain_used_follows_domain_unless_given(database, org):
+    w = org.widget(domain="a.example.com")
+    assert w["last_domain_used"] == "a.example.com"
+    r = org.req("PATCH", f"/widgets/{w['id']}", json={"domain": "b.example.com"})
+    assert r.json()["last_domain_used"] == "b.example.com"
+    r = org.req(
+        "PATCH",
+        f"/widgets/{w['id']}",
+        json={"domain": "c.example.com", "last_domain_used": "b.example.com"},
+    )
+    assert (r.json()["domain"], r.json()["last_domain_used"]) == ("c.example.com", "b.example.com")
