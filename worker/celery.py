@@ -51,7 +51,6 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # Events for Flower.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
-        "worker_hijack_root_logger": False,
         "beat_schedule": {
             "cleanup-drafts": {
                 "task": c.CLEANUP_TASK,

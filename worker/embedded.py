@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         published = json.loads(get_store().get_bytes(dep["s3_key"]))
         print(f"published s3://{BUCKET}/{dep['s3_key']}:")
         print(json.dumps(published, indent=2))
+        if args.mode == "demo":
+            print(f"\nFlower ran at {stack.flower}; `./dev serve` keeps the stack up.")
         if args.mode == "serve":
             print(f"\nAPI:      {stack.api}  (OpenAPI: {stack.api}/docs)")
             print(f"Flower:   {stack.flower}")
