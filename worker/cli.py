@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(report.archived)} draft widget(s) archived")
         return 0
 
-    from worker.producer import send_archive, send_deploy
+    from worker.producer import queue_sizes, send_archive, send_deploy
     from worker.services.reconcile import reconcile
 
-    rec = reconcile()
+    rec = reconcile(queue_sizes=queue_sizes())
     for org_id, widget_id, dep_id in rec.deployments:
         send_deploy(org_id, widget_id, dep_id)
     for org_id, widget_id, job_id in rec.archives:

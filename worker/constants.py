@@ -10,7 +10,9 @@ RECONCILE_TASK = "widgets.reconcile"
 DEPLOY_QUEUE = "deployments"
 ARCHIVE_QUEUE = "archives"
 MAINTENANCE_QUEUE = "maintenance"
-QUEUES = (DEPLOY_QUEUE, ARCHIVE_QUEUE, MAINTENANCE_QUEUE)
+# Celery's default queue, for producers that send a task without naming a queue or routes.
+DEFAULT_CELERY_QUEUE = "celery"
+QUEUES = (DEPLOY_QUEUE, ARCHIVE_QUEUE, MAINTENANCE_QUEUE, DEFAULT_CELERY_QUEUE)
 
 TASK_ROUTES = {
     DEPLOY_TASK: {"queue": DEPLOY_QUEUE},

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from kombu.exceptions import OperationalError
+from kombu.exceptions import ChannelError, OperationalError
 
 from worker import constants as c
 from worker.celery import app
@@ -55,3 +55,16 @@ def send_archive(organization_id: str, widget_id: str, archive_job_id: str) -> b
             "archive_job_id": archive_job_id,
         },
     )
+
+
+def queue_sizes(queues: tuple[str, ...] = (c.DEPLOY_QUEUE, c.ARCHIVE_QUEUE)) -> dict[str, int]:
+    """Messages waiting in each queue (not counting ones a worker has reserved)."""
+    sizes: dict[str, int] = {}
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for queue in queues:
+            try:
+                sizes[queue] = channel.queue_declare(queue=queue, passive=True).message_count
+            except ChannelError:  # Redis drops an empty list: the queue is simply empty
+                sizes[queue] = 0
+    return sizes

@@ -14,13 +14,21 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Awaitable
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    NoRegionError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
 
+from worker.constants import TASK_SOFT_TIME_LIMIT
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +50,33 @@ PERMANENT_ERROR_CODES = frozenset(
 )
 
 
+# Every S3 call, botocore's own retries included, ends well before the task's soft time limit.
+S3_CALL_BUDGET_SECONDS = TASK_SOFT_TIME_LIMIT - 15
+
+# Codes S3 sends with a 4xx status that are still worth retrying.
+TRANSIENT_ERROR_CODES = frozenset(
+    {
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "OperationAborted",
+        "ExpiredToken",
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "InternalError",
+        "ServiceUnavailable",
+    }
+)
+# Client-side errors no retry can fix.
+PERMANENT_CLIENT_ERRORS = (
+    NoCredentialsError,
+    PartialCredentialsError,
+    ParamValidationError,
+    NoRegionError,
+)
+
+
 class S3Error(Exception):
     """Base of the two S3 failure kinds; the message is readable on its own."""
 
@@ -60,10 +95,15 @@ def classify(exc: Exception, action: str) -> S3Error:
         code = str(err.get("Code", "Unknown"))
         status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
         message = f"S3 {action} failed: {code} (HTTP {status}): {err.get('Message', '')}".strip()
+        if code in TRANSIENT_ERROR_CODES:
+            return TransientS3Error(message)
         if code in PERMANENT_ERROR_CODES or (400 <= status < 500 and status not in (408, 429)):
             return PermanentS3Error(message)
         return TransientS3Error(message)
-    return TransientS3Error(f"S3 {action} failed: {type(exc).__name__}: {exc}")
+    message = f"S3 {action} failed: {type(exc).__name__}: {exc}"
+    if isinstance(exc, PERMANENT_CLIENT_ERRORS):
+        return PermanentS3Error(message)
+    return TransientS3Error(message)
 
 
 class S3Store:
@@ -99,12 +139,28 @@ class S3Store:
         self._client = self._loop.run_until_complete(self._stack.enter_async_context(creator))
         type(self).clients_created += 1
 
-    def _run(self, coro: Awaitable[T], action: str) -> T:
+    def _run(self, coro: Coroutine[Any, Any, T], action: str) -> T:
+        """Run one S3 call to completion, within :data:`S3_CALL_BUDGET_SECONDS`.
+
+        If anything interrupts it (Celery's soft time limit is raised *inside*
+        ``run_until_complete``), the call is cancelled and drained before re-raising: a request
+        left pending in this long-lived loop would otherwise be resumed by the next S3 call of
+        the process, and could upload an old snapshot after a newer one.
+        """
         with self._lock:
+            task = self._loop.create_task(asyncio.wait_for(coro, S3_CALL_BUDGET_SECONDS))
             try:
-                return self._loop.run_until_complete(coro)
+                return self._loop.run_until_complete(task)
             except (ClientError, BotoCoreError) as exc:
                 raise classify(exc, action) from exc
+            except TimeoutError as exc:
+                raise TransientS3Error(
+                    f"S3 {action} failed: no answer within {S3_CALL_BUDGET_SECONDS}s"
+                ) from exc
+            finally:
+                if not task.done():
+                    task.cancel()
+                    self._loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
 
     def put_json(self, key: str, body: bytes, *, metadata: dict[str, str]) -> None:
         self._run(
@@ -135,6 +191,21 @@ class S3Store:
             return data
 
         return self._run(read(), f"get {key}")
+
+    def stored_sha256(self, key: str) -> str | None:
+        """The ``sha256`` metadata of the object at ``key``, or None if there is no object."""
+
+        async def head() -> str | None:
+            try:
+                obj = await self._client.head_object(Bucket=self.bucket, Key=key)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                raise
+            meta: dict[str, str] = obj.get("Metadata", {})
+            return meta.get("sha256")
+
+        return self._run(head(), f"head {key}")
 
     def ensure_bucket(self) -> None:
         """Create the bucket if missing (embedded dev stack and tests; production provisions it)."""

@@ -14,6 +14,7 @@ from api_stub.query import ListQuery, fetch_page, list_query
 from api_stub.schemas.common import Page
 from api_stub.schemas.widgets import WidgetCreate, WidgetPublic, WidgetUpdate
 from worker.models import Organization, Preference, Purpose, Widget
+from worker.services.locking import lock_widget
 
 router = APIRouter(prefix="/widgets", tags=["widgets"])
 
@@ -90,7 +91,11 @@ def update_widget(
     widget_id: str, body: WidgetUpdate, org: OrgDep, session: SessionDep
 ) -> WidgetPublic:
     """An edit bumps the content version: a published widget now has unpublished changes."""
-    widget = get_live_widget(session, org, widget_id)
+    get_live_widget(session, org, widget_id)
+    # Locked: two concurrent edits must both bump the version, and a deploy snapshotting the
+    # widget sees either the old or the new content, never half of it.
+    widget = lock_widget(session, org.id, widget_id)
+    assert widget is not None
     changes = body.model_dump(exclude_unset=True)
     none_for_required = [k for k in ("name", "format", "template_id") if changes.get(k, 1) is None]
     if none_for_required:

@@ -101,7 +101,10 @@ def test_archive_end_state_by_status(sqlite_database, org, celery_worker, s3, st
         assert after["archived"] is None and deployed == []
         return
     a = after["archived"]
-    assert (a["organization_id"], a["name"], a["format"]) == (org.id, w["name"], w["format"])
+    # The archived copy is the widget as last published: unpublished edits (the rename) are lost.
+    published_name = deployed[-1]["config"]["widget"]["name"]
+    assert published_name != "edited"
+    assert (a["organization_id"], a["name"], a["format"]) == (org.id, published_name, w["format"])
     assert (a["template_id"], a["last_domain_used"]) == (w["template_id"], "www.example.com")
     assert iso_utc(a["widget_created_at"]) == w["created_at"]
     # The README's promise: the latest deployment of an archived widget holds its configuration.

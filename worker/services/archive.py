@@ -8,10 +8,10 @@ plan even when the widget row is already gone. Steps, each idempotent:
    attempt. Deploys check ``archived_at`` under the same lock, so none publishes after this.
 2. assets: for each asset, delete the S3 object, then its row. A crash between the two leaves a
    row whose object is gone (deleted again on resume), never an S3 object nobody knows about.
-3. the widget: draft → delete the row; otherwise copy it into ``archived_widgets`` and delete
-   it, in one transaction.
-4. archived ones: remove the published container file, so it stops rendering on websites.
-   Deployments are never touched: they keep every configuration.
+3. the published container file is removed, so the widget stops rendering on websites (before
+   the row goes: if this fails, the archived widget is still there for a retried job).
+4. the widget: draft → delete the row; otherwise copy it into ``archived_widgets`` and delete
+   it, in one transaction. Deployments are never touched: they keep every configuration.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from worker.ids import require_safe_id
 from worker.models import (
     ArchivedWidget,
     ArchiveJob,
+    Deployment,
     Organization,
     Widget,
     WidgetAsset,
@@ -156,18 +157,29 @@ def _remove_widget(job_id: str) -> None:
         if widget is None:
             return  # done by an earlier delivery
         if job.result == RESULT_ARCHIVED and session.get(ArchivedWidget, widget.id) is None:
-            session.add(
-                ArchivedWidget(
-                    id=widget.id,
-                    organization_id=widget.organization_id,
-                    name=widget.name,
-                    format=widget.format,
-                    template_id=widget.template_id,
-                    last_domain_used=widget.last_domain_used,
-                    widget_created_at=widget.created_at,
-                )
-            )
+            session.add(_archived_copy(session, widget))
         session.delete(widget)
+
+
+def _archived_copy(session: Session, widget: Widget) -> ArchivedWidget:
+    """The widget as last published: edits made since the last deployment are lost."""
+    live = (
+        session.exec(
+            select(Deployment).where(Deployment.deployment_id == widget.live_deployment_id)
+        ).first()
+        if widget.live_deployment_id
+        else None
+    )
+    published: dict[str, Any] = (live.config or {}).get("widget", {}) if live else {}
+    return ArchivedWidget(
+        id=widget.id,
+        organization_id=widget.organization_id,
+        name=published.get("name", widget.name),
+        format=published.get("format", widget.format),
+        template_id=published.get("template_id", widget.template_id),
+        last_domain_used=widget.last_domain_used,
+        widget_created_at=widget.created_at,
+    )
 
 
 def run_archive(
@@ -185,13 +197,15 @@ def run_archive(
     if job_state.is_final(job):
         return _outcome(job)
     _delete_assets(organization_id, widget_id, store)
+    # The container file goes before the row: a failure here leaves the widget (archived,
+    # invisible) in place, so a new DELETE can retry the whole job. Deleting it for drafts too
+    # covers a first deploy killed between its upload and its commit.
+    with unit_of_work() as session:
+        org = session.get(Organization, organization_id)
+        assert org is not None
+        key = container_key(org.api_key, widget_id)
+    store().delete(key)
     _remove_widget(job.id)
-    if job.result == RESULT_ARCHIVED:
-        with unit_of_work() as session:
-            org = session.get(Organization, organization_id)
-            assert org is not None
-            key = container_key(org.api_key, widget_id)
-        store().delete(key)
     with unit_of_work() as session:
         final = session.get(ArchiveJob, job.id)
         assert final is not None
@@ -203,7 +217,8 @@ def run_archive(
 
 def note_retry(archive_job_id: str, error: str) -> None:
     with unit_of_work() as session:
-        job_state.note_retry(session.get(ArchiveJob, archive_job_id), error)
+        # Locked: the retry may already be running (or done) in another process.
+        job_state.note_retry(session.get(ArchiveJob, archive_job_id, with_for_update=True), error)
 
 
 def record_failure(
@@ -213,5 +228,5 @@ def record_failure(
         if archive_job_id is None:
             job = latest_job(session, organization_id, widget_id)
         else:
-            job = session.get(ArchiveJob, archive_job_id)
+            job = session.get(ArchiveJob, archive_job_id, with_for_update=True)
         job_state.record_failure(job, organization_id, widget_id, error)

@@ -47,6 +47,15 @@ def _stale_drafts(
     return list(session.exec(stmt).all())
 
 
+def _in_flight(session: Session, widget_ids: list[str]) -> set[str]:
+    if not widget_ids:
+        return set()
+    stmt = select(Deployment.widget_id).where(
+        col(Deployment.widget_id).in_(widget_ids), col(Deployment.status).in_(IN_FLIGHT)
+    )
+    return set(session.exec(stmt).all())
+
+
 def find_stale_drafts(retention_days: int, limit: int, now: datetime | None = None) -> list[Widget]:
     """What a cleanup would archive now (the dry run)."""
     cutoff = (now or utcnow()) - timedelta(days=retention_days)
@@ -63,7 +72,10 @@ def archive_stale_drafts(
     for _ in range(max_batches):
         with unit_of_work() as session:
             batch = _stale_drafts(session, cutoff, batch_size, lock=True)
-            for widget in batch:
+            # Re-checked after the locks are held: a deploy accepted while the selection ran
+            # is visible to this fresh statement.
+            busy = _in_flight(session, [w.id for w in batch])
+            for widget in (w for w in batch if w.id not in busy):
                 report.candidates.append(widget.id)
                 job = mark_archived(session, widget)
                 report.archived.append((widget.organization_id, widget.id, job.id))

@@ -24,7 +24,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
-from worker.db import unit_of_work
+from worker.db import is_postgres, unit_of_work
 from worker.ids import require_safe_id
 from worker.models import ArchiveJob, Deployment, Organization, Widget, utcnow
 from worker.s3 import S3Store
@@ -65,8 +65,10 @@ def _outcome(dep: Deployment, published: bool = False) -> DeployOutcome:
     )
 
 
-def _find(session: Session, deployment_id: str) -> Deployment | None:
+def _find(session: Session, deployment_id: str, lock: bool = False) -> Deployment | None:
     stmt = select(Deployment).where(Deployment.deployment_id == deployment_id)
+    if lock and is_postgres(session):
+        stmt = stmt.with_for_update()
     return session.exec(stmt.execution_options(populate_existing=True)).first()
 
 
@@ -152,7 +154,14 @@ def _publish(deployment_id: str, store: Callable[[], S3Store]) -> DeployOutcome:
             dep.live_deployment_id = widget.live_deployment_id
             job_state.finish(dep, "success")
             return _outcome(dep)
-        if live is not None and live.content_checksum == dep.content_checksum:
+        if (
+            live is not None
+            and live.content_checksum == dep.content_checksum
+            # The file really is that one (a deploy killed between its upload and its commit
+            # may have left other bytes there).
+            and dep.s3_key is not None
+            and store().stored_sha256(dep.s3_key) == live.checksum
+        ):
             # Same content is already on S3: nothing to rewrite, but the widget is now up to date.
             widget.published_version = max(widget.published_version or 0, dep.widget_version)
             dep.live_deployment_id = live.deployment_id
@@ -188,10 +197,12 @@ def run_deployment(
 
 def note_retry(deployment_id: str, error: str) -> None:
     with unit_of_work() as session:
-        job_state.note_retry(_find(session, deployment_id), error)
+        # Locked: the retry may already be running (or done) in another process.
+        job_state.note_retry(_find(session, deployment_id, lock=True), error)
 
 
 def record_failure(organization_id: str, widget_id: str, deployment_id: str, error: str) -> None:
     """``failure``; the widget's publication status is left as it was."""
     with unit_of_work() as session:
-        job_state.record_failure(_find(session, deployment_id), organization_id, widget_id, error)
+        dep = _find(session, deployment_id, lock=True)
+        job_state.record_failure(dep, organization_id, widget_id, error)

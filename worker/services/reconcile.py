@@ -1,9 +1,11 @@
 """Reconciler: jobs accepted but never started, and jobs stuck ``running``.
 
-* ``ready`` for longer than :data:`READY_STALE_AFTER` seconds: the message was never sent (API
-  died between commit and enqueue) or was lost (broker lost its data). Re-send it. The bound is
-  above the visibility timeout, so a message that still exists would have been redelivered by
-  then, and above the longest retry countdown, so a job waiting to retry is left alone.
+* ``ready`` for longer than :data:`READY_STALE_AFTER` seconds while its queue is empty: the
+  message was never sent (API died between commit and enqueue) or was lost (broker lost its
+  data). Re-send it. The bound is above the visibility timeout, so a delivered message would
+  have been redelivered by then, and above the longest retry countdown, so a job waiting to
+  retry is left alone. While the queue still holds messages the job is presumed to be in that
+  backlog: re-sending would only add duplicates (and the cap below would fail it).
 * ``running`` for longer than :data:`RUNNING_STALE_AFTER` seconds: its worker was killed past
   the hard time limit without a redelivery. Back to ``ready`` and re-send.
 
@@ -13,6 +15,7 @@ Tasks are idempotent, so a duplicate message caused by a race here is harmless.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TypeVar
@@ -71,18 +74,32 @@ def _requeue_or_fail(job: Deployment | ArchiveJob, now: datetime) -> bool:
     return True
 
 
-def reconcile(now: datetime | None = None) -> ReconcileReport:
-    """Find and update stale jobs; the caller sends the returned ones after this commit."""
+def _in_backlog(job: Deployment | ArchiveJob, queue: str, sizes: Mapping[str, int]) -> bool:
+    return job.status == "ready" and sizes.get(queue, 0) > 0
+
+
+def reconcile(
+    now: datetime | None = None, queue_sizes: Mapping[str, int] | None = None
+) -> ReconcileReport:
+    """Find and update stale jobs; the caller sends the returned ones after this commit.
+
+    ``queue_sizes`` are the broker's waiting messages per queue (unknown = treated as empty).
+    """
     now = now or utcnow()
+    sizes = queue_sizes or {}
     report = ReconcileReport()
     with unit_of_work() as session:
         for dep in _stale(session, Deployment, now):
+            if _in_backlog(dep, c.DEPLOY_QUEUE, sizes):
+                continue
             if _requeue_or_fail(dep, now):
                 report.deployments.append((dep.organization_id, dep.widget_id, dep.deployment_id))
             else:
                 report.failed.append(dep.deployment_id)
             session.add(dep)
         for job in _stale(session, ArchiveJob, now):
+            if _in_backlog(job, c.ARCHIVE_QUEUE, sizes):
+                continue
             if _requeue_or_fail(job, now):
                 report.archives.append((job.organization_id, job.widget_id, job.id))
             else:

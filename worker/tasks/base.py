@@ -8,17 +8,19 @@ from typing import Any
 from billiard.einfo import ExceptionInfo
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy.exc import OperationalError
 
 from worker import constants as c
 from worker.s3 import TransientS3Error
 
 log = logging.getLogger(__name__)
 
-# Retry policy of the S3-facing jobs: transient S3 errors (after botocore's own quick retries)
-# and soft time limits are retried with exponential backoff and full jitter; anything else
-# (a permanent S3 error, an invalid message) fails at once.
+# Retry policy of the S3-facing jobs: transient S3 errors (after botocore's own quick retries),
+# database outages and soft time limits are retried with exponential backoff and full jitter;
+# anything else (a permanent S3 error, an invalid message) fails at once.
 RETRY_ON_TRANSIENT_ERRORS: dict[str, Any] = {
-    "autoretry_for": (TransientS3Error, SoftTimeLimitExceeded),
+    # OperationalError: a lost database connection, or SQLite's "database is locked".
+    "autoretry_for": (TransientS3Error, SoftTimeLimitExceeded, OperationalError),
     "retry_backoff": c.RETRY_BACKOFF_SECONDS,
     "retry_backoff_max": c.RETRY_BACKOFF_MAX_SECONDS,
     "retry_jitter": True,

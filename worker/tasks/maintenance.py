@@ -24,7 +24,7 @@ def cleanup_drafts() -> dict[str, Any]:
 
 @app.task(name=c.RECONCILE_TASK, acks_late=True)
 def reconcile_jobs() -> dict[str, Any]:
-    report = reconcile.reconcile()
+    report = reconcile.reconcile(queue_sizes=producer.queue_sizes())
     for org_id, widget_id, dep_id in report.deployments:
         producer.send_deploy(org_id, widget_id, dep_id)
     for org_id, widget_id, job_id in report.archives:
