@@ -89,20 +89,19 @@ def reconcile(
     sizes = queue_sizes or {}
     report = ReconcileReport()
     with unit_of_work() as session:
-        for dep in _stale(session, Deployment, now):
-            if _in_backlog(dep, c.DEPLOY_QUEUE, sizes):
-                continue
-            if _requeue_or_fail(dep, now):
-                report.deployments.append((dep.organization_id, dep.widget_id, dep.deployment_id))
-            else:
-                report.failed.append(dep.deployment_id)
-            session.add(dep)
-        for job in _stale(session, ArchiveJob, now):
-            if _in_backlog(job, c.ARCHIVE_QUEUE, sizes):
-                continue
-            if _requeue_or_fail(job, now):
-                report.archives.append((job.organization_id, job.widget_id, job.id))
-            else:
-                report.failed.append(job.id)
-            session.add(job)
+        stale: list[tuple[list[Deployment] | list[ArchiveJob], str, list[tuple[str, str, str]]]]
+        stale = [
+            (_stale(session, Deployment, now), c.DEPLOY_QUEUE, report.deployments),
+            (_stale(session, ArchiveJob, now), c.ARCHIVE_QUEUE, report.archives),
+        ]
+        for jobs, queue, resend in stale:
+            for job in jobs:
+                if _in_backlog(job, queue, sizes):
+                    continue
+                key = job.deployment_id if isinstance(job, Deployment) else job.id
+                if _requeue_or_fail(job, now):
+                    resend.append((job.organization_id, job.widget_id, key))
+                else:
+                    report.failed.append(key)
+                session.add(job)
     return report
