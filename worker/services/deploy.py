@@ -1,11 +1,12 @@
 """Deploying a widget: freeze its snapshot, publish it on S3, record the outcome.
 
-A deployment runs in two units of work, both holding the widget's row lock:
+A deployment runs in three units of work, all holding the widget's row lock:
 
-1. *claim*: find (or, for a producer that bypassed the API, create) the deployment row, return
-   early if it is already final, freeze the snapshot once (a retry publishes the same bytes),
-   count the attempt and mark it ``running``. Committed before any S3 call, so a crash after it
-   is visible and the attempt counts towards the cap.
+0. *count*: find (or, for a producer that bypassed the API, create) the deployment row, return
+   early if it is already final, give up past :data:`MAX_ATTEMPTS`, and count this delivery,
+   committed before any work: a message that crashes the process still reaches the cap.
+1. *claim*: fail if the widget is gone or archived, freeze the snapshot once (a retry publishes
+   the same bytes) and mark it ``running``. Committed before any S3 call.
 2. *publish*: re-check under the lock, then either write the container file or, if a newer
    deployment is live or the live file already has this content, finish without writing. The
    lock is held across the upload so two deploys of one widget never interleave their writes
@@ -97,13 +98,15 @@ def validate_job_ids(organization_id: object, widget_id: object, deployment_id: 
     require_safe_id(deployment_id, "deployment_id")
 
 
-def _claim(organization_id: str, widget_id: str, deployment_id: str) -> DeployOutcome | None:
-    """Unit of work 1. Returns an outcome when the deployment is (now) final, else None."""
+def _count_delivery(
+    organization_id: str, widget_id: str, deployment_id: str
+) -> DeployOutcome | None:
+    """Unit of work 0: count this delivery before any work, so a message that kills the process
+    every time (redelivered by ``task_reject_on_worker_lost``) still reaches the cap."""
     with unit_of_work() as session:
-        org = session.get(Organization, organization_id)
-        if org is None:
+        if session.get(Organization, organization_id) is None:
             raise InvalidJobError(f"unknown organization {organization_id}")
-        widget = lock_widget(session, organization_id, widget_id)
+        lock_widget(session, organization_id, widget_id)  # serializes racing first deliveries
         dep = _find(session, deployment_id)
         if dep is None:  # sent by a producer that did not go through the API
             dep = Deployment(
@@ -119,10 +122,27 @@ def _claim(organization_id: str, widget_id: str, deployment_id: str) -> DeployOu
             )
         if job_state.is_final(dep):
             return _outcome(dep)
-        failed = _widget_gone_reason(session, organization_id, widget_id, widget)
-        failed = failed or job_state.give_up_reason(dep, MAX_ATTEMPTS)
-        if failed is not None:
-            job_state.finish(dep, "failure", failed)
+        gave_up = job_state.give_up_reason(dep, MAX_ATTEMPTS)
+        if gave_up is not None:
+            job_state.finish(dep, "failure", gave_up)
+            return _outcome(dep)
+        job_state.count_attempt(dep)
+        return None
+
+
+def _claim(organization_id: str, widget_id: str, deployment_id: str) -> DeployOutcome | None:
+    """Unit of work 1. Returns an outcome when the deployment is (now) final, else None."""
+    with unit_of_work() as session:
+        org = session.get(Organization, organization_id)
+        assert org is not None
+        widget = lock_widget(session, organization_id, widget_id)
+        dep = _find(session, deployment_id)
+        assert dep is not None
+        if job_state.is_final(dep):
+            return _outcome(dep)
+        gone = _widget_gone_reason(session, organization_id, widget_id, widget)
+        if gone is not None:
+            job_state.finish(dep, "failure", gone)
             return _outcome(dep)
         assert widget is not None
         if dep.config is None:
@@ -130,7 +150,7 @@ def _claim(organization_id: str, widget_id: str, deployment_id: str) -> DeployOu
             dep.widget_version = widget.version
             dep.content_checksum = content_checksum(dep.config)
             dep.s3_key = container_key(org.api_key, widget.id)
-        job_state.start(dep)
+        job_state.mark_running(dep)
         return None
 
 
@@ -188,11 +208,12 @@ def run_deployment(
     """Run one delivery of a deploy job; safe to call any number of times for one deployment."""
     validate_job_ids(organization_id, widget_id, deployment_id)
     try:
-        claimed = _claim(organization_id, widget_id, deployment_id)
+        done = _count_delivery(organization_id, widget_id, deployment_id)
     except IntegrityError:
         # Two deliveries of a producer-created job raced to insert the row: the other one won.
-        claimed = None
-    return claimed if claimed is not None else _publish(deployment_id, store)
+        done = _count_delivery(organization_id, widget_id, deployment_id)
+    done = done or _claim(organization_id, widget_id, deployment_id)
+    return done if done is not None else _publish(deployment_id, store)
 
 
 def note_retry(deployment_id: str, error: str) -> None:

@@ -15,10 +15,19 @@ def is_final(job: Job) -> bool:
     return job.status in FINAL_STATUSES
 
 
-def start(job: Job) -> None:
-    now = utcnow()
+def count_attempt(job: Job) -> None:
     job.attempts += 1
+    job.updated_at = utcnow()
+
+
+def mark_running(job: Job) -> None:
+    now = utcnow()
     job.status, job.started_at, job.updated_at = "running", now, now
+
+
+def start(job: Job) -> None:
+    count_attempt(job)
+    mark_running(job)
 
 
 def finish(job: Job, status: str, error: str | None = None) -> None:
