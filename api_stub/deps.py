@@ -6,12 +6,12 @@ import hmac
 from collections.abc import Iterator
 from typing import Annotated, Protocol, TypeVar
 
-from fastapi import Depends, Header, Query
+from fastapi import Depends, Header, Query, Request
 from sqlmodel import Session
 
 from api_stub.auth import read_token
 from api_stub.errors import ApiError, bad_request, not_found
-from worker.db import get_engine
+from worker.db import get_engine, read_only_engine
 from worker.ids import is_safe_id
 from worker.models import Organization
 from worker.settings import Settings, get_settings
@@ -21,9 +21,13 @@ def settings_dep() -> Settings:
     return get_settings()
 
 
-def session_dep() -> Iterator[Session]:
-    """One session per request; routes commit once, at the end of their unit of work."""
-    with Session(get_engine(), expire_on_commit=False) as session:
+def session_dep(request: Request) -> Iterator[Session]:
+    """One session per request; routes commit once, at the end of their unit of work.
+
+    GET requests only read, so on SQLite they do not queue for the database write lock.
+    """
+    engine = read_only_engine() if request.method in ("GET", "HEAD") else get_engine()
+    with Session(engine, expire_on_commit=False) as session:
         yield session
 
 

@@ -16,6 +16,7 @@ from sqlmodel import Session, create_engine
 from worker.settings import get_settings
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+SQLITE_BEGIN_OPTION = "sqlite_begin"
 
 _lock = threading.Lock()
 _engine: Engine | None = None
@@ -28,6 +29,8 @@ def _configure_sqlite(engine: Engine) -> None:
     pysqlite's own BEGIN is deferred: a transaction that reads and then writes can fail with
     "database is locked" without waiting. Taking the write lock at BEGIN (IMMEDIATE) makes
     concurrent workers queue behind each other instead (SQLAlchemy's documented recipe).
+    Read-only sessions (:func:`read_only_engine`) begin DEFERRED: in WAL mode they read a
+    snapshot without waiting for a writer, e.g. one holding the lock across an S3 upload.
     """
 
     @event.listens_for(engine, "connect")
@@ -41,7 +44,8 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
 
 
 def build_engine(url: str) -> Engine:
@@ -66,6 +70,11 @@ def get_engine() -> Engine:
             _engine = build_engine(get_settings().sqlalchemy_url)
             _engine_pid = os.getpid()
         return _engine
+
+
+def read_only_engine() -> Engine:
+    """The engine for sessions that never write (no SQLite write lock; same pool)."""
+    return get_engine().execution_options(**{SQLITE_BEGIN_OPTION: "DEFERRED"})
 
 
 def reset_engine() -> None:

@@ -10,7 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from api_stub.deps import SettingsDep
-from worker.db import get_engine
+from worker.db import read_only_engine
 
 router = APIRouter(tags=["health"])
 PROBE_TIMEOUT_SECONDS = 2.0
@@ -18,7 +18,7 @@ PROBE_TIMEOUT_SECONDS = 2.0
 
 def _database() -> str:
     try:
-        with get_engine().connect() as conn:
+        with read_only_engine().connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
         return f"error: {type(exc).__name__}"
