@@ -18,13 +18,33 @@ DEV_SECRET_KEY = "dev-only-secret-key-never-use-in-production"  # noqa: S105 - a
 DEV_ADMIN_TOKEN = "dev-admin-token"  # noqa: S105 - accepted only when APP_ENV=development
 
 
-class Settings(BaseSettings):
-    """Every knob of the service; field names are the environment variables."""
+class DatabaseSettings(BaseSettings):
+    """Just the database: all that ``alembic upgrade head`` needs (no secrets required)."""
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
-    app_env: Literal["production", "development"] = "production"
     database_url: str = Field(default_factory=lambda: f"sqlite:///{DEFAULT_SQLITE_PATH}")
+
+    @model_validator(mode="after")
+    def _known_database(self) -> DatabaseSettings:
+        if not self.database_url.startswith(("sqlite", "postgres")):
+            raise ValueError("DATABASE_URL must be a sqlite:// or postgresql:// URL")
+        return self
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """DATABASE_URL with the driver SQLAlchemy should use (psycopg 3 for PostgreSQL)."""
+        url = self.database_url
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+
+class Settings(DatabaseSettings):
+    """Every knob of the service; field names are the environment variables."""
+
+    app_env: Literal["production", "development"] = "production"
     celery_broker_url: RedisDsn = RedisDsn("redis://127.0.0.1:6379/0")
     celery_result_backend: str | None = None
 
@@ -58,8 +78,6 @@ class Settings(BaseSettings):
             ]
             if missing:
                 raise ValueError(f"{', '.join(missing)} must be set when APP_ENV=production")
-        if not self.database_url.startswith(("sqlite", "postgres")):
-            raise ValueError("DATABASE_URL must be a sqlite:// or postgresql:// URL")
         return self
 
     @property
@@ -75,18 +93,25 @@ class Settings(BaseSettings):
     def admin_bearer(self) -> str:
         return self.admin_token.get_secret_value() if self.admin_token else DEV_ADMIN_TOKEN
 
-    @property
-    def sqlalchemy_url(self) -> str:
-        """DATABASE_URL with the driver SQLAlchemy should use (psycopg 3 for PostgreSQL)."""
-        url = self.database_url
-        for prefix in ("postgresql://", "postgres://"):
-            if url.startswith(prefix):
-                return "postgresql+psycopg://" + url[len(prefix) :]
-        return url
-
 
 class ConfigurationError(RuntimeError):
     """Configuration is missing or invalid; the message is one line, fit for a start-up log."""
+
+
+def _one_line(exc: ValidationError) -> ConfigurationError:
+    problems = "; ".join(
+        (f"{'.'.join(str(p) for p in err['loc']).upper()}: " if err["loc"] else "")
+        + err["msg"].removeprefix("Value error, ")
+        for err in exc.errors()
+    )
+    return ConfigurationError(f"invalid configuration: {problems}")
+
+
+def get_database_settings() -> DatabaseSettings:
+    try:
+        return DatabaseSettings()
+    except ValidationError as exc:
+        raise _one_line(exc) from None
 
 
 @lru_cache(maxsize=1)
@@ -94,9 +119,4 @@ def get_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        problems = "; ".join(
-            (f"{'.'.join(str(p) for p in err['loc']).upper()}: " if err["loc"] else "")
-            + err["msg"].removeprefix("Value error, ")
-            for err in exc.errors()
-        )
-        raise ConfigurationError(f"invalid configuration: {problems}") from None
+        raise _one_line(exc) from None

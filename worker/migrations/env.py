@@ -7,14 +7,21 @@ from sqlmodel import SQLModel
 
 import worker.models  # noqa: F401 - registers every table on SQLModel.metadata
 from worker.db import build_engine
-from worker.settings import get_settings
+from worker.settings import ConfigurationError, get_database_settings
 
 target_metadata = SQLModel.metadata
 
 
+def _database_url() -> str:
+    try:
+        return get_database_settings().sqlalchemy_url
+    except ConfigurationError as exc:
+        raise SystemExit(f"error: {exc}") from None  # one line, no traceback
+
+
 def run_migrations_offline() -> None:
     context.configure(
-        url=get_settings().sqlalchemy_url,
+        url=_database_url(),
         target_metadata=target_metadata,
         literal_binds=True,
         render_as_batch=True,
@@ -24,7 +31,7 @@ def run_migrations_offline() -> None:
 
 
 def run_migrations_online() -> None:
-    engine = build_engine(get_settings().sqlalchemy_url)
+    engine = build_engine(_database_url())
     try:
         with engine.connect() as connection:
             # render_as_batch: SQLite can only ALTER tables by copying them.

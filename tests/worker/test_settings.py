@@ -1,0 +1,57 @@
+"""Configuration: what each entry point requires, and the one-line errors when it is wrong."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from tests.conftest import PROJECT_ROOT
+from worker.processes import BIN_DIR
+
+SECRETS = ("SECRET_KEY", "ADMIN_TOKEN", "FLOWER_BASIC_AUTH", "APP_ENV")
+
+
+def run(cmd: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS and k != "DATABASE_URL"}
+    return subprocess.run(
+        cmd, cwd=PROJECT_ROOT, env={**clean, **env}, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_migrations_need_only_the_database_url(tmp_path):
+    db = tmp_path / "only-db.sqlite"
+    result = run([str(BIN_DIR / "alembic"), "upgrade", "head"], DATABASE_URL=f"sqlite:///{db}")
+    assert result.returncode == 0, result.stderr
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"widgets", "deployments", "archived_widgets", "widget_assets"} <= tables
+
+
+def test_migrations_reject_an_unknown_database_in_one_line():
+    result = run([str(BIN_DIR / "alembic"), "upgrade", "head"], DATABASE_URL="mysql://x/y")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "error: invalid configuration: DATABASE_URL must be a sqlite:// or postgresql:// URL"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("cmd", "env"),
+    [
+        (["celery", "-A", "worker", "worker"], {}),
+        (["celery", "-A", "worker", "worker"], {"SECRET_KEY": "k" * 40}),
+        (["celery", "-A", "worker", "beat"], {"ADMIN_TOKEN": "t"}),
+    ],
+)
+def test_production_processes_refuse_to_start_without_secrets(cmd, env):
+    result = run([str(BIN_DIR / cmd[0]), *cmd[1:]], **env)
+    assert result.returncode != 0
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "must be set when APP_ENV=production" in lines[0]
+    for name in ("SECRET_KEY", "ADMIN_TOKEN"):
+        assert (name in lines[0]) is (name not in env)
