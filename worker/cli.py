@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-from worker.settings import get_settings
+from worker.settings import ConfigurationError, get_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,7 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     clean.add_argument("--days", type=int, help="override DRAFT_RETENTION_DAYS")
     sub.add_parser("reconcile", help="re-send lost jobs and recover stuck ones now")
     args = parser.parse_args(argv)
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except ConfigurationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
     if args.command == "cleanup":
         days = args.days or settings.draft_retention_days

@@ -55,3 +55,14 @@ def test_production_processes_refuse_to_start_without_secrets(cmd, env):
     assert "must be set when APP_ENV=production" in lines[0]
     for name in ("SECRET_KEY", "ADMIN_TOKEN"):
         assert (name in lines[0]) is (name not in env)
+
+
+def test_cli_reports_bad_configuration_in_one_line():
+    result = run(
+        [str(BIN_DIR / "python"), "-m", "worker.cli", "cleanup", "--dry-run"],
+        APP_ENV="development",
+        DRAFT_RETENTION_DAYS="0",
+    )
+    assert result.returncode == 2
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert len(lines) == 1 and "DRAFT_RETENTION_DAYS" in lines[0], lines
