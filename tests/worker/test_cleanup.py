@@ -12,7 +12,6 @@ import json
 import os
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,6 +21,7 @@ import pytest
 from sqlmodel import col, select
 
 from tests.conftest import BUCKET, PROJECT_ROOT
+from tests.support.jobs import poll
 from worker import constants as c
 from worker.celery import app
 from worker.db import unit_of_work
@@ -212,16 +212,6 @@ def test_two_cleanups_at_once_archive_each_widget_once(database, fresh_org):
     assert jobs_per_widget(*orgs) == dict.fromkeys(ids, 1)
 
 
-def _wait(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def _age(widget_id: str, age: timedelta) -> None:
     with unit_of_work() as s:
         w = s.get(Widget, widget_id)
@@ -251,7 +241,7 @@ def test_cleanup_task_archives_stale_drafts_on_a_worker(sqlite_database, org, ce
         jobs = [j for j in jobs_of(org.id) if j.widget_id == stale["id"]]
         return jobs[0] if jobs and jobs[0].status in ("success", "failure") else None
 
-    job = _wait(done, 60, "the cleanup's archive job")
+    job = poll(done, 60, "the cleanup's archive job")
     assert (job.status, job.result) == ("success", "deleted"), job
     assert jobs_per_widget(org.id) == {stale["id"]: 1}
     rows = widgets_of(org.id)

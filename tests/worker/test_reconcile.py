@@ -9,23 +9,21 @@ them. End-to-end tests use the real in-process worker and Redis.
 from __future__ import annotations
 
 import os
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 import redis
-from sqlmodel import col, select
 
 from tests.conftest import BUCKET
+from tests.support.jobs import poll, scratch_org
 from worker import constants as c
 from worker import producer
 from worker.celery import app
 from worker.db import unit_of_work
 from worker.ids import new_id
-from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, Organization, Widget, utcnow
+from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, Widget, utcnow
 from worker.services.reconcile import (
     MAX_REQUEUES,
     READY_STALE_AFTER,
@@ -72,18 +70,7 @@ def resent(report: Any, org_id: str) -> set[str]:
 
 @pytest.fixture
 def fresh_org() -> Iterator[str]:
-    org = Organization(name=f"reconcile-{uuid.uuid4().hex[:8]}")
-    with unit_of_work() as s:
-        s.add(org)
-    yield org.id
-    with unit_of_work() as s:
-        for model in (Deployment, ArchiveJob):
-            stmt = select(model).where(
-                model.organization_id == org.id, col(model.status).not_in(FINAL_STATUSES)
-            )
-            for job in s.exec(stmt).all():
-                job.status, job.finished_at = "failure", utcnow()
-                s.add(job)
+    yield from scratch_org("reconcile")
 
 
 @pytest.mark.parametrize("model", [Deployment, ArchiveJob])
@@ -160,16 +147,6 @@ def test_stuck_running_job_at_the_cap_fails(database, fresh_org, model):
     assert row.status == "failure" and "gave up" in (row.error or "")
 
 
-def _wait(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def _final(job: Job) -> Job | None:
     row = load(job)
     return row if row.status in FINAL_STATUSES else None
@@ -192,11 +169,11 @@ def test_reconcile_task_resends_jobs_whose_enqueue_was_lost(
 
     app.send_task(c.RECONCILE_TASK, queue=c.MAINTENANCE_QUEUE)
 
-    done = _wait(lambda: _final(dep), 60, "the re-sent deployment")
+    done = poll(lambda: _final(dep), 60, "the re-sent deployment")
     assert (done.status, done.requeues) == ("success", 1), done.error
     obj = s3.get_object(Bucket=BUCKET, Key=org.container_key(live["id"]))
     assert obj["Metadata"]["deployment-id"] == done.deployment_id
-    archived = _wait(lambda: _final(archive), 60, "the re-sent archive job")
+    archived = poll(lambda: _final(archive), 60, "the re-sent archive job")
     assert (archived.status, archived.result, archived.requeues) == ("success", "deleted", 1)
     with unit_of_work() as s:
         assert s.get(Widget, doomed["id"]) is None
@@ -217,7 +194,7 @@ def test_deploy_whose_broker_message_was_lost_is_resent(
                 dep["deployment_id"] in m.decode() for m in broker.lrange(c.DEPLOY_QUEUE, 0, -1)
             )
 
-        _wait(queued, 30, "the deploy message in Redis")
+        poll(queued, 30, "the deploy message in Redis")
         broker.delete(c.DEPLOY_QUEUE)  # the broker lost its data
         request.getfixturevalue("celery_worker")
         if paused:

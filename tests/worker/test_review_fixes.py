@@ -19,15 +19,16 @@ from typing import Any
 import celery
 import pytest
 import redis
-from sqlmodel import col, select
+from sqlmodel import select
 
 from tests.conftest import BUCKET
 from tests.support.api import OrgClient
+from tests.support.jobs import scratch_org
 from worker import producer
 from worker.celery import app
 from worker.db import unit_of_work
 from worker.ids import new_id
-from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, Organization, Widget, utcnow
+from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, Widget, utcnow
 from worker.services.reconcile import READY_STALE_AFTER, RUNNING_STALE_AFTER, reconcile
 from worker.services.snapshot import _IDENTITY_KEYS
 
@@ -195,18 +196,7 @@ def test_producer_naming_no_queue_is_served(sqlite_database, org, celery_worker,
 
 @pytest.fixture
 def fresh_org(database: str) -> Iterator[str]:
-    org = Organization(name=f"backlog-{uuid.uuid4().hex[:8]}")
-    with unit_of_work() as s:
-        s.add(org)
-    yield org.id
-    with unit_of_work() as s:  # no later reconcile may pick these up
-        for model in (Deployment, ArchiveJob):
-            stmt = select(model).where(
-                model.organization_id == org.id, col(model.status).not_in(FINAL_STATUSES)
-            )
-            for job in s.exec(stmt).all():
-                job.status, job.finished_at = "failure", utcnow()
-                s.add(job)
+    yield from scratch_org("backlog")
 
 
 def add_job(model: type[Any], org_id: str, **fields: Any) -> Any:
