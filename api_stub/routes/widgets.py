@@ -18,9 +18,6 @@ from worker.services.locking import lock_widget
 
 router = APIRouter(prefix="/widgets", tags=["widgets"])
 
-# Fields whose change is an edit of the widget's content (a new version to deploy).
-_CONTENT_FIELDS = tuple(WidgetUpdate.model_fields)
-
 
 def get_live_widget(session: Session, org: Organization, widget_id: str) -> Widget:
     """The organization's widget, unless archived; anything else is a 404 (no existence leak)."""

@@ -11,8 +11,6 @@ from sqlmodel import Field, SQLModel
 from worker.ids import new_id
 from worker.models.types import PortableJSON, UTCDateTime, utcnow
 
-PREFERENCE_TYPES = ("single", "multi")
-
 
 def _metadata_column() -> Any:
     # "metadata" is reserved on SQLAlchemy models, so the attribute is metadata_.

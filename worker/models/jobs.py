@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import Index
 from sqlmodel import Field, SQLModel
@@ -11,7 +11,6 @@ from sqlmodel import Field, SQLModel
 from worker.ids import new_id
 from worker.models.types import PortableJSON, UTCDateTime, utcnow
 
-JobStatus = Literal["ready", "running", "success", "failure"]
 FINAL_STATUSES: frozenset[str] = frozenset({"success", "failure"})
 
 

@@ -11,8 +11,6 @@ from sqlmodel import Field, SQLModel
 from worker.ids import new_id
 from worker.models.types import PortableJSON, UTCDateTime, utcnow
 
-WIDGET_FORMATS = ("embeddable", "hosted")
-WIDGET_TEMPLATES = ("sections", "sections_and_save", "full_preference_center", "dsar_form")
 PublicationStatus = Literal["draft", "published", "unpublished_changes"]
 
 
