@@ -7,6 +7,7 @@ Configuration is computed from :func:`worker.settings.get_settings` when Celery 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import timedelta
 from typing import Any
@@ -18,6 +19,11 @@ from worker import constants as c
 from worker.settings import ConfigurationError, Settings, get_settings
 
 log = logging.getLogger(__name__)
+
+
+def default_concurrency() -> int:
+    """Pool children when WORKER_CONCURRENCY is unset: uploads wait on S3, not on the CPU."""
+    return max(4, 4 * (os.cpu_count() or 1))
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -40,8 +46,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
+        "worker_concurrency": settings.worker_concurrency or default_concurrency(),
         # A lost broker connection cannot ack late tasks anyway; cancel and let them redeliver.
         "worker_cancel_long_running_tasks_on_connection_loss": True,
+        # A task killed by the hard time limit is requeued, not failed: its upload may have
+        # gone through, and the redelivery finds out (worker.tasks.base).
+        "task_acks_on_timeout": False,
         "task_time_limit": c.TASK_TIME_LIMIT,
         "task_soft_time_limit": c.TASK_SOFT_TIME_LIMIT,
         "task_queues": [Queue(name, routing_key=name) for name in c.QUEUES],
@@ -90,6 +100,30 @@ app = Celery(
     include=["worker.tasks.deploy", "worker.tasks.archive", "worker.tasks.maintenance"],
 )
 app.add_defaults(_load_config)
+
+
+@signals.worker_init.connect
+def _refuse_store_without_conditional_writes(**_: Any) -> None:
+    """Publish order is enforced by S3 conditional writes: a store that silently ignores
+    ``If-None-Match`` would let an older snapshot replace a newer one. Checked once per worker,
+    before any task runs; the worker refuses to start (one line, exit 2) on such a store."""
+    from worker.s3 import S3Error, S3Store
+
+    store = S3Store(get_settings())
+    try:
+        ok = store.supports_conditional_writes()
+    except S3Error as exc:
+        print(f"error: cannot check the S3 store's conditional writes: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    finally:
+        store.close()
+    if not ok:
+        print(
+            "error: the S3 store ignores conditional writes (If-None-Match: *); "
+            "publish order cannot be guaranteed, refusing to start",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
 
 
 @signals.worker_process_init.connect

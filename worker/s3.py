@@ -1,20 +1,24 @@
-"""S3 access for worker processes: one event loop and one aiobotocore client per process.
+"""S3 access: one event loop (in its own thread) and one aiobotocore client per process.
 
 The client is created lazily in the process that uses it (and eagerly at ``worker_process_init``),
-never inherited across fork, and reused for every task. Short blips (500/503, throttling, dropped
-connections) are retried inside botocore with its ``standard`` retry mode (exponential backoff with
-jitter); what is still failing after that surfaces as :class:`TransientS3Error` for Celery to retry
-later, while errors no retry can fix surface as :class:`PermanentS3Error`.
+never inherited across fork, and reused for every task and request. Short blips (500/503,
+throttling, dropped connections) are retried inside botocore with its ``standard`` retry mode
+(exponential backoff with jitter); what is still failing after that surfaces as
+:class:`TransientS3Error` for Celery to retry later, while errors no retry can fix surface as
+:class:`PermanentS3Error`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiobotocore.config import AioConfig
@@ -106,21 +110,52 @@ def classify(exc: Exception, action: str) -> S3Error:
     return TransientS3Error(message)
 
 
+class PreconditionFailed(S3Error):
+    """A conditional write lost: the object changed (or appeared) since it was read."""
+
+
+# 412 PreconditionFailed, or 409 ConditionalRequestConflict (a concurrent conditional write).
+_PRECONDITION_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict", "412"})
+
+
+def _is_precondition_failure(exc: ClientError) -> bool:
+    code = str(exc.response.get("Error", {}).get("Code", ""))
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code in _PRECONDITION_CODES or status == 412
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What a HEAD says about an object: its ETag and its ``x-amz-meta-*`` metadata."""
+
+    etag: str
+    metadata: dict[str, str]
+
+
 class S3Store:
-    """A bucket, through one long-lived aiobotocore client driven by this object's event loop."""
+    """A bucket, through one long-lived aiobotocore client.
+
+    The client lives on an event loop that runs in a thread of its own, so any number of threads
+    (the API's request threads, a worker's task) can have calls in flight at once on the one
+    client and its connection pool; each call has a deadline.
+    """
 
     clients_created = 0  # per process; the worker tests check it stays at one
 
     def __init__(self, settings: Settings) -> None:
         self.bucket = settings.s3_bucket
         self.cache_control = settings.s3_cache_control
-        self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="s3-event-loop", daemon=True
+        )
+        self._thread.start()
         self._stack = contextlib.AsyncExitStack()
         config = AioConfig(
             retries={"mode": "standard", "total_max_attempts": settings.s3_max_attempts},
             connect_timeout=settings.s3_connect_timeout,
             read_timeout=settings.s3_read_timeout,
+            max_pool_connections=settings.s3_max_connections,
             s3={"addressing_style": "path"},
         )
         creds: dict[str, Any] = {}
@@ -136,44 +171,95 @@ class S3Store:
             config=config,
             **creds,
         )
-        self._client = self._loop.run_until_complete(self._stack.enter_async_context(creator))
+        self._client = asyncio.run_coroutine_threadsafe(
+            self._stack.enter_async_context(creator), self._loop
+        ).result()
         type(self).clients_created += 1
 
     def _run(self, coro: Coroutine[Any, Any, T], action: str) -> T:
-        """Run one S3 call to completion, within :data:`S3_CALL_BUDGET_SECONDS`.
+        """Run one S3 call on the loop thread and wait for it, within the call budget.
 
-        If anything interrupts it (Celery's soft time limit is raised *inside*
-        ``run_until_complete``), the call is cancelled and drained before re-raising: a request
-        left pending in this long-lived loop would otherwise be resumed by the next S3 call of
-        the process, and could upload an old snapshot after a newer one.
+        If the waiting thread is interrupted (Celery's soft time limit is raised here), the call
+        is cancelled rather than left running. Conditional writes make even a request that
+        reached S3 before the cancel harmless: it cannot replace a newer file.
         """
-        with self._lock:
-            task = self._loop.create_task(asyncio.wait_for(coro, S3_CALL_BUDGET_SECONDS))
-            try:
-                return self._loop.run_until_complete(task)
-            except (ClientError, BotoCoreError) as exc:
-                raise classify(exc, action) from exc
-            except TimeoutError as exc:
-                raise TransientS3Error(
-                    f"S3 {action} failed: no answer within {S3_CALL_BUDGET_SECONDS}s"
-                ) from exc
-            finally:
-                if not task.done():
-                    task.cancel()
-                    self._loop.run_until_complete(asyncio.gather(task, return_exceptions=True))
+        running: list[asyncio.Task[Any]] = []
 
-    def put_json(self, key: str, body: bytes, *, metadata: dict[str, str]) -> None:
-        self._run(
-            self._client.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=body,
-                ContentType="application/json",
-                CacheControl=self.cache_control,
-                Metadata=metadata,
-            ),
-            f"put {key}",
-        )
+        async def tracked() -> T:
+            task = asyncio.current_task()
+            assert task is not None
+            running.append(task)
+            return await asyncio.wait_for(coro, S3_CALL_BUDGET_SECONDS)
+
+        future = asyncio.run_coroutine_threadsafe(tracked(), self._loop)
+        try:
+            # Bounded even if the loop thread is gone (a store closed under a running call).
+            return future.result(timeout=S3_CALL_BUDGET_SECONDS + 5)
+        except ClientError as exc:
+            if _is_precondition_failure(exc):
+                raise PreconditionFailed(f"S3 {action}: precondition failed") from exc
+            raise classify(exc, action) from exc
+        except BotoCoreError as exc:
+            raise classify(exc, action) from exc
+        except concurrent.futures.CancelledError as exc:
+            raise TransientS3Error(f"S3 {action} failed: the S3 client was closed") from exc
+        except TimeoutError as exc:
+            raise TransientS3Error(
+                f"S3 {action} failed: no answer within {S3_CALL_BUDGET_SECONDS}s"
+            ) from exc
+        finally:
+            if not future.done():
+                future.cancel()  # cancels the task on the loop thread, soon
+                self._wait_cancelled(running)
+
+    def _wait_cancelled(self, running: list[asyncio.Task[Any]]) -> None:
+        """Block until an abandoned call's task has really finished cancelling."""
+
+        async def drain() -> None:
+            if running:
+                await asyncio.wait(running, timeout=S3_CALL_BUDGET_SECONDS)
+
+        with contextlib.suppress(concurrent.futures.TimeoutError):
+            asyncio.run_coroutine_threadsafe(drain(), self._loop).result(timeout=10)
+
+    def put_json(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        metadata: dict[str, str],
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        """Write a published file; returns its ETag. Conditional when asked: ``If-Match`` an
+        ETag, or ``If-None-Match: *`` (only if absent); a lost condition is
+        :class:`PreconditionFailed`."""
+        conditions: dict[str, str] = {}
+        if if_match is not None:
+            conditions["IfMatch"] = if_match
+        elif if_none_match:
+            conditions["IfNoneMatch"] = "*"
+
+        async def put() -> str:
+            try:
+                out = await self._client.put_object(
+                    Bucket=self.bucket,
+                    Key=key,
+                    Body=body,
+                    ContentType="application/json",
+                    CacheControl=self.cache_control,
+                    Metadata=metadata,
+                    **conditions,
+                )
+            except ClientError as exc:
+                # ``If-Match`` on a key that no longer exists: S3 answers 404 NoSuchKey.
+                code = exc.response.get("Error", {}).get("Code")
+                if if_match is not None and code in ("NoSuchKey", "404"):
+                    raise PreconditionFailed(f"S3 put {key}: the object is gone") from exc
+                raise
+            return str(out["ETag"])
+
+        return self._run(put(), f"put {key}")
 
     def put_bytes(self, key: str, body: bytes, *, content_type: str) -> None:
         self._run(
@@ -192,20 +278,31 @@ class S3Store:
 
         return self._run(read(), f"get {key}")
 
-    def stored_sha256(self, key: str) -> str | None:
-        """The ``sha256`` metadata of the object at ``key``, or None if there is no object."""
+    def head(self, key: str) -> StoredObject | None:
+        """The object's ETag and metadata, or None if there is no object at ``key``."""
 
-        async def head() -> str | None:
+        async def head() -> StoredObject | None:
             try:
                 obj = await self._client.head_object(Bucket=self.bucket, Key=key)
             except ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                     return None
                 raise
-            meta: dict[str, str] = obj.get("Metadata", {})
-            return meta.get("sha256")
+            return StoredObject(str(obj["ETag"]), dict(obj.get("Metadata", {})))
 
         return self._run(head(), f"head {key}")
+
+    def list_keys(self, prefix: str) -> list[str]:
+        """Every key under ``prefix`` (all pages)."""
+
+        async def collect() -> list[str]:
+            keys: list[str] = []
+            paginator = self._client.get_paginator("list_objects_v2")
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(str(item["Key"]) for item in page.get("Contents", []))
+            return keys
+
+        return self._run(collect(), f"list {prefix}")
 
     def ensure_bucket(self) -> None:
         """Create the bucket if missing (embedded dev stack and tests; production provisions it)."""
@@ -222,11 +319,41 @@ class S3Store:
         """Delete one object; deleting one that is already gone is a success (idempotent)."""
         self._run(self._client.delete_object(Bucket=self.bucket, Key=key), f"delete {key}")
 
+    def supports_conditional_writes(self) -> bool:
+        """Probe: a second ``If-None-Match: *`` write of one key must be refused (412).
+
+        A store that silently ignores the header would let an older snapshot replace a newer
+        one, so the worker refuses to start on such a store (:mod:`worker.celery`).
+        """
+        key = f"_probe/conditional-writes/{uuid.uuid4().hex}"
+        try:
+            self.put_json(key, b"{}", metadata={}, if_none_match=True)
+            try:
+                self.put_json(key, b"{}", metadata={}, if_none_match=True)
+            except PreconditionFailed:
+                return True
+            return False
+        finally:
+            with contextlib.suppress(S3Error):
+                self.delete(key)
+
     def close(self) -> None:
-        with self._lock:
-            if self._loop.is_closed():
-                return
-            self._loop.run_until_complete(self._stack.aclose())
+        if self._loop.is_closed():
+            return
+
+        async def shutdown() -> None:
+            # Calls still in flight (another thread's) end now, as cancelled, not never.
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in others:
+                task.cancel()
+            await asyncio.gather(*others, return_exceptions=True)
+            await self._stack.aclose()
+
+        with contextlib.suppress(TimeoutError, RuntimeError):
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        if not self._thread.is_alive():
             self._loop.close()
 
 

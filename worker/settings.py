@@ -57,6 +57,14 @@ class Settings(DatabaseSettings):
     s3_max_attempts: int = Field(default=4, ge=1, le=20)
     s3_connect_timeout: float = Field(default=5.0, gt=0)
     s3_read_timeout: float = Field(default=20.0, gt=0)
+    # Connections of a process's S3 client: the uploads one process can have in flight.
+    s3_max_connections: int = Field(default=32, ge=1, le=1000)
+
+    # Prefork pool children of `celery -A worker worker` (its --concurrency overrides it). A
+    # deploy mostly waits on S3 and the database, so the default keeps several per core in
+    # flight: unset = 4 per CPU core, at least 4. Each child has one DB connection in use and one
+    # S3 client.
+    worker_concurrency: int | None = Field(default=None, ge=1, le=256)
 
     draft_retention_days: int = Field(default=30, ge=1)
     cleanup_batch_size: int = Field(default=100, ge=1, le=10_000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Annotated
 
@@ -13,9 +14,9 @@ from api_stub.errors import ApiError, bad_request, not_found
 from api_stub.routes.widgets import get_live_widget
 from api_stub.schemas.archive import AssetPublic
 from worker.ids import new_id
-from worker.models import Organization, WidgetAsset
+from worker.models import Organization, Widget, WidgetAsset, utcnow
 from worker.s3 import PermanentS3Error, S3Error, get_store
-from worker.services.locking import lock_widget
+from worker.storage_keys import asset_key
 
 router = APIRouter(prefix="/widgets", tags=["assets"])
 
@@ -33,11 +34,6 @@ ALLOWED_CONTENT_TYPES = frozenset(
 )
 
 
-def asset_key(api_key: str, widget_id: str, asset_id: str) -> str:
-    # Only validated IDs in the key; the client's file name is kept in the row, not the path.
-    return f"assets/{api_key}/{widget_id}/{asset_id}"
-
-
 def _read_limited(upload: UploadFile) -> bytes:
     data = upload.file.read(MAX_ASSET_BYTES + 1)
     if len(data) > MAX_ASSET_BYTES:
@@ -47,10 +43,27 @@ def _read_limited(upload: UploadFile) -> bytes:
     return data
 
 
+def _storage_error(exc: S3Error) -> ApiError:
+    return ApiError(500 if isinstance(exc, PermanentS3Error) else 503, f"asset storage: {exc}")
+
+
+def _discard(session: Session, asset_id: str, key: str) -> None:
+    """Remove an upload that must not stay: the object first, then its row."""
+    with contextlib.suppress(S3Error):  # if this fails, the archive's prefix sweep removes it
+        get_store().delete(key)
+    row = session.get(WidgetAsset, asset_id)
+    if row is not None:
+        session.delete(row)
+        session.commit()
+
+
 @router.post("/{widget_id}/assets", status_code=status.HTTP_201_CREATED)
 def upload_asset(
     widget_id: str, file: Annotated[UploadFile, File()], org: OrgDep, session: SessionDep
 ) -> AssetPublic:
+    """Three steps, no transaction or lock across the S3 write: (1) commit the row as
+    ``uploading``, so the object never exists without a record; (2) write the object;
+    (3) mark it ``stored``, unless the widget was archived meanwhile (then both go)."""
     content_type = (file.content_type or "").split(";")[0].strip().lower()
     if content_type not in ALLOWED_CONTENT_TYPES:
         raise bad_request(
@@ -60,11 +73,6 @@ def upload_asset(
         )
     data = _read_limited(file)
     get_live_widget(session, org, widget_id)
-    # Lock held across the upload: an archive cannot list the assets between the S3 write and
-    # the row's commit, so it never misses this object.
-    widget = lock_widget(session, org.id, widget_id)
-    if widget is None or widget.is_archived:
-        raise not_found("widget", widget_id)
     asset_id = new_id()
     asset = WidgetAsset(
         id=asset_id,
@@ -75,22 +83,38 @@ def upload_asset(
         size=len(data),
         s3_key=asset_key(org.api_key, widget_id, asset_id),
         checksum=hashlib.sha256(data).hexdigest(),
+        status="uploading",
     )
+    session.add(asset)
+    session.commit()
     try:
         get_store().put_bytes(asset.s3_key, data, content_type=content_type)
     except S3Error as exc:
-        code = 500 if isinstance(exc, PermanentS3Error) else 503
-        raise ApiError(code, f"asset storage failed: {exc}") from exc
-    session.add(asset)
+        _discard(session, asset_id, asset.s3_key)
+        raise _storage_error(exc) from exc
+    widget = session.get(Widget, widget_id, populate_existing=True)
+    if widget is None or widget.is_archived:
+        _discard(session, asset_id, asset.s3_key)
+        raise not_found("widget", widget_id)
+    stored = session.get(WidgetAsset, asset_id)
+    if stored is None:  # the archive removed the row: make sure the object goes too
+        _discard(session, asset_id, asset.s3_key)
+        raise not_found("widget", widget_id)
+    stored.status = "stored"
+    stored.updated_at = utcnow()
     session.commit()
-    return AssetPublic.model_validate(asset)
+    return AssetPublic.model_validate(stored)
 
 
 def _assets(session: Session, org: Organization, widget_id: str) -> list[WidgetAsset]:
     get_live_widget(session, org, widget_id)
     stmt = (
         select(WidgetAsset)
-        .where(WidgetAsset.organization_id == org.id, WidgetAsset.widget_id == widget_id)
+        .where(
+            WidgetAsset.organization_id == org.id,
+            WidgetAsset.widget_id == widget_id,
+            WidgetAsset.status == "stored",
+        )
         .order_by(WidgetAsset.created_at, WidgetAsset.id)  # type: ignore[arg-type]
     )
     return list(session.exec(stmt).all())
@@ -108,10 +132,13 @@ def delete_asset(widget_id: str, asset_id: str, org: OrgDep, session: SessionDep
     if asset.widget_id != widget_id:
         raise not_found("asset", asset_id)
     removed = AssetPublic.model_validate(asset)
+    session.rollback()  # end the read transaction: nothing is held across the S3 call
     try:
         get_store().delete(asset.s3_key)  # object first: never a stored object without a row
     except S3Error as exc:
-        raise ApiError(503, f"asset storage failed: {exc}") from exc
-    session.delete(asset)
-    session.commit()
+        raise _storage_error(exc) from exc
+    row = session.get(WidgetAsset, asset.id)
+    if row is not None:
+        session.delete(row)
+        session.commit()
     return removed

@@ -9,13 +9,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
 from api_stub.deps import OrgDep, SessionDep, check_body_org, get_owned
-from api_stub.errors import ApiError, not_found
+from api_stub.errors import ApiError
 from api_stub.query import ListQuery, apply_list_query, list_query
 from api_stub.routes.widgets import get_live_widget
 from api_stub.schemas.widgets import DeploymentCreate, DeploymentPublic
 from worker import producer
 from worker.models import Deployment, Organization, utcnow
-from worker.services.locking import lock_widget
 
 router = APIRouter(prefix="/widgets/deployments", tags=["deployments"])
 
@@ -57,11 +56,9 @@ def create_deployment(
         existing := _by_deployment_id(session, body.deployment_id)
     ):
         return _repeat(request, response, org, body, existing)
-    get_live_widget(session, org, body.widget_id)
-    # Locked so a concurrent archive or cleanup is ordered before or after this request.
-    widget = lock_widget(session, org.id, body.widget_id)
-    if widget is None or widget.is_archived:
-        raise not_found("widget", body.widget_id)
+    # No lock: an archive that lands after this check is seen by the worker, which then fails
+    # the deployment ("widget archived") and publishes nothing.
+    widget = get_live_widget(session, org, body.widget_id)
     dep = Deployment(organization_id=org.id, widget_id=widget.id, enqueued_at=utcnow())
     if body.deployment_id is not None:
         dep.deployment_id = body.deployment_id

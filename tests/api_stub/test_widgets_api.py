@@ -153,7 +153,7 @@ def test_widget_create_list_get_patch(database, org):
 def test_patch_of_a_published_widget_makes_it_unpublished_changes(database, org, celery_worker):
     w = org.widget([org.purpose()], [org.preference()])
     done = org.wait_deployment(org.deploy(w["id"])["id"])
-    assert done["status"] == "success", done
+    assert done["status"] == "success", (done["status"], done["error"], done["attempts"])
     published = org.req("GET", f"/widgets/{w['id']}").json()
     assert published["publication_status"] == "published"
 

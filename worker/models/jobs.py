@@ -25,6 +25,13 @@ class Deployment(SQLModel, table=True):
     __tablename__ = "deployments"
     __table_args__ = (
         Index("ix_deployments_org_widget_created", "organization_id", "widget_id", "created_at"),
+        # List pages sorted by either timestamp (the id is the tie-break).
+        Index("ix_deployments_org_created", "organization_id", "created_at", "id"),
+        Index("ix_deployments_org_updated", "organization_id", "updated_at", "id"),
+        # The reconciler's scan of stale jobs, oldest first.
+        Index("ix_deployments_status_created", "status", "created_at"),
+        # Publish order: one sequence number per snapshot of a widget.
+        Index("ix_deployments_widget_sequence", "widget_id", "sequence", unique=True),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
@@ -38,6 +45,9 @@ class Deployment(SQLModel, table=True):
     attempts: int = 0
     requeues: int = 0  # times the reconciler re-sent it
     widget_version: int | None = None
+    # The widget's publish sequence given when the snapshot was frozen (strictly increasing per
+    # widget); the published file carries it, and a file never replaces one of a higher sequence.
+    sequence: int | None = None
     s3_key: str | None = Field(default=None, max_length=512)
     checksum: str | None = Field(default=None, max_length=64)
     content_checksum: str | None = Field(default=None, max_length=64)
@@ -53,6 +63,7 @@ class ArchiveJob(SQLModel, table=True):
     """One request to archive a widget; ``result`` is ``deleted`` (draft) or ``archived``."""
 
     __tablename__ = "archive_jobs"
+    __table_args__ = (Index("ix_archive_jobs_status_created", "status", "created_at"),)
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
     organization_id: str = Field(foreign_key="organizations.id", index=True, max_length=64)
@@ -73,6 +84,10 @@ class ArchivedWidget(SQLModel, table=True):
     """What is kept of a published widget once archived (the Didomi ``archived_widgets`` shape)."""
 
     __tablename__ = "archived_widgets"
+    __table_args__ = (
+        Index("ix_archived_widgets_org_created", "organization_id", "created_at", "id"),
+        Index("ix_archived_widgets_org_updated", "organization_id", "updated_at", "id"),
+    )
 
     id: str = Field(primary_key=True, max_length=64)  # the widget's id
     organization_id: str = Field(foreign_key="organizations.id", index=True, max_length=64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from sqlalchemy import Column, ForeignKey, String
+from sqlalchemy import Column, ForeignKey, Index, String, text
 from sqlmodel import Field, SQLModel
 
 from worker.ids import new_id
@@ -22,6 +22,16 @@ class Widget(SQLModel, table=True):
     """
 
     __tablename__ = "widgets"
+    __table_args__ = (
+        # The cleanup's scan: drafts (never published), not archived, oldest edit first.
+        Index(
+            "ix_widgets_drafts_updated",
+            "updated_at",
+            "id",
+            postgresql_where=text("published_version IS NULL AND archived_at IS NULL"),
+            sqlite_where=text("published_version IS NULL AND archived_at IS NULL"),
+        ),
+    )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
     organization_id: str = Field(foreign_key="organizations.id", index=True, max_length=64)
@@ -41,6 +51,11 @@ class Widget(SQLModel, table=True):
 
     version: int = 1
     published_version: int | None = None
+    # Publish ordering (worker.services.publish): the last sequence given to a frozen snapshot,
+    # and the sequence, S3 ETag and deployment of what is live. ``live_seq`` only moves forward.
+    publish_seq: int = 0
+    live_seq: int | None = None
+    live_etag: str | None = Field(default=None, max_length=128)
     live_deployment_id: str | None = Field(default=None, max_length=64)
     archived_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
@@ -82,5 +97,8 @@ class WidgetAsset(SQLModel, table=True):
     size: int
     s3_key: str = Field(max_length=512)
     checksum: str = Field(max_length=64)
+    # ``uploading`` while its S3 write is in flight (the row exists first, so no object is ever
+    # without a record); ``stored`` once written. Lists show stored assets only.
+    status: str = Field(default="stored", max_length=16)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

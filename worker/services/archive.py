@@ -37,7 +37,7 @@ from worker.s3 import S3Store
 from worker.services import job_state
 from worker.services.deploy import MAX_ATTEMPTS, InvalidJobError
 from worker.services.locking import lock_widget
-from worker.services.snapshot import container_key
+from worker.storage_keys import asset_prefix, container_key
 
 RESULT_DELETED = "deleted"
 RESULT_ARCHIVED = "archived"
@@ -204,6 +204,11 @@ def run_archive(
         org = session.get(Organization, organization_id)
         assert org is not None
         key = container_key(org.api_key, widget_id)
+        prefix = asset_prefix(org.api_key, widget_id)
+    # Objects whose row is gone or never committed (an upload racing this archive, or one whose
+    # API process died mid-way): nothing under the widget's prefix may outlive it.
+    for orphan in store().list_keys(prefix):
+        store().delete(orphan)
     store().delete(key)
     _remove_widget(job.id)
     with unit_of_work() as session:

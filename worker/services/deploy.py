@@ -1,95 +1,50 @@
-"""Deploying a widget: freeze its snapshot, publish it on S3, record the outcome.
+"""Deploying a widget: freeze its snapshot, publish it in sequence order, record the outcome.
 
-A deployment runs in three units of work, all holding the widget's row lock:
+Two short transactions per deploy, and no database lock or transaction across any S3 call:
 
-0. *count*: find (or, for a producer that bypassed the API, create) the deployment row, return
-   early if it is already final, give up past :data:`MAX_ATTEMPTS`, and count this delivery,
-   committed before any work: a message that crashes the process still reaches the cap.
-1. *claim*: fail if the widget is gone or archived, freeze the snapshot once (a retry publishes
-   the same bytes) and mark it ``running``. Committed before any S3 call.
-2. *publish*: re-check under the lock, then either write the container file or, if a newer
-   deployment is live or the live file already has this content, finish without writing. The
-   lock is held across the upload so two deploys of one widget never interleave their writes
-   and an archive cannot slip in between the upload and the commit.
+1. *freeze* (:func:`_freeze`): find (or, for a producer that bypassed the API, create) the row,
+   return early if it is final, give up past :data:`MAX_ATTEMPTS`, count this delivery; on the
+   first delivery freeze the snapshot and take the widget's next **publish sequence**; mark it
+   ``running``; read the widget's live state. A retry or redelivery publishes the same bytes
+   with the same sequence.
+2. *publish* (:mod:`worker.services.publish`): decide from the sequence and the live state,
+   then either write the file with an S3 conditional write (``If-None-Match: *`` / ``If-Match``),
+   or finish without writing (overtaken by a newer snapshot, or the same content is live).
+   The outcome is recorded in the second transaction, a forward-only compare-and-set.
 
-Every path either ends in ``success``/``failure`` or raises (the task layer retries or records
-the failure through :func:`record_failure`).
+Every path either ends in ``success``/``failure`` or raises (the task layer retries, or records
+the failure through :func:`record_failure`, which checks S3 first).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
+from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, select
+from sqlmodel import Session, col, select
 
-from worker.db import is_postgres, unit_of_work
+from worker.db import unit_of_work
 from worker.ids import require_safe_id
-from worker.models import ArchiveJob, Deployment, Organization, Widget, utcnow
+from worker.models import Deployment, Organization, Widget, utcnow
 from worker.s3 import S3Store
-from worker.services import job_state
-from worker.services.locking import lock_widget
-from worker.services.snapshot import (
-    build_snapshot,
-    canonical_json,
-    container_key,
-    content_checksum,
-    sha256_hex,
-)
+from worker.services import job_state, live_state
+from worker.services.deploy_outcome import DeployOutcome, outcome
+from worker.services.live_state import find_deployment
+from worker.services.publish import fail_checked, publish
+from worker.services.snapshot import build_snapshot, content_checksum
+from worker.storage_keys import container_key
 
 # Attempts (first run + Celery retries + redeliveries after a lost worker) before giving up:
 # a poison message ends ``failure`` instead of looping forever.
 MAX_ATTEMPTS = 12
 
+ARCHIVED_ERROR = live_state.ARCHIVED_ERROR
+
 
 class InvalidJobError(ValueError):
     """The message itself is wrong (unsafe IDs, unknown organization, IDs that do not match)."""
-
-
-@dataclass(frozen=True)
-class DeployOutcome:
-    deployment_id: str
-    status: str
-    published: bool
-    live_deployment_id: str | None
-    error: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def _outcome(dep: Deployment, published: bool = False) -> DeployOutcome:
-    return DeployOutcome(
-        dep.deployment_id, dep.status, published, dep.live_deployment_id, dep.error
-    )
-
-
-def _find(session: Session, deployment_id: str, lock: bool = False) -> Deployment | None:
-    stmt = select(Deployment).where(Deployment.deployment_id == deployment_id)
-    if lock and is_postgres(session):
-        stmt = stmt.with_for_update()
-    return session.exec(stmt.execution_options(populate_existing=True)).first()
-
-
-ARCHIVED_ERROR = "widget archived: deployments of an archived widget are not published"
-
-
-def _widget_gone_reason(
-    session: Session, organization_id: str, widget_id: str, widget: Widget | None
-) -> str | None:
-    if widget is not None:
-        return ARCHIVED_ERROR if widget.is_archived else None
-    # Gone: archived (and already removed by its archive job), or never this org's widget.
-    archived = session.exec(
-        select(ArchiveJob.id).where(
-            ArchiveJob.organization_id == organization_id, ArchiveJob.widget_id == widget_id
-        )
-    ).first()
-    if archived is not None:
-        return ARCHIVED_ERROR
-    return "widget not found (deleted, or not a widget of this organization)"
 
 
 def validate_job_ids(organization_id: object, widget_id: object, deployment_id: object) -> None:
@@ -98,16 +53,33 @@ def validate_job_ids(organization_id: object, widget_id: object, deployment_id: 
     require_safe_id(deployment_id, "deployment_id")
 
 
-def _count_delivery(
-    organization_id: str, widget_id: str, deployment_id: str
-) -> DeployOutcome | None:
-    """Unit of work 0: count this delivery before any work, so a message that kills the process
-    every time (redelivered by ``task_reject_on_worker_lost``) still reaches the cap."""
+def _next_sequence(session: Session, widget_id: str) -> int:
+    """Take the widget's next publish sequence (the row is locked only until this commit)."""
+    session.connection().execute(
+        update(Widget)
+        .where(col(Widget.id) == widget_id)
+        .values(publish_seq=col(Widget.publish_seq) + 1)
+    )
+    seq = session.exec(select(Widget.publish_seq).where(Widget.id == widget_id)).one()
+    return int(seq)
+
+
+@dataclass(frozen=True)
+class _Frozen:
+    dep: Deployment
+    state: live_state.WidgetState | None = None  # None: out of attempts
+    give_up: str | None = None
+
+
+def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployOutcome | _Frozen:
+    """Transaction 1. An outcome when the deployment is (now) final without publishing."""
     with unit_of_work() as session:
-        if session.get(Organization, organization_id) is None:
+        org = session.get(Organization, organization_id)
+        if org is None:
             raise InvalidJobError(f"unknown organization {organization_id}")
-        lock_widget(session, organization_id, widget_id)  # serializes racing first deliveries
-        dep = _find(session, deployment_id)
+        # Locked (on PostgreSQL; SQLite's write lock is taken at BEGIN): two deliveries of one
+        # deployment must not both freeze it.
+        dep = find_deployment(session, deployment_id, lock=True)
         if dep is None:  # sent by a producer that did not go through the API
             dep = Deployment(
                 deployment_id=deployment_id,
@@ -121,85 +93,30 @@ def _count_delivery(
                 f"deployment {deployment_id} belongs to another organization or widget"
             )
         if job_state.is_final(dep):
-            return _outcome(dep)
+            return outcome(dep)
         gave_up = job_state.give_up_reason(dep, MAX_ATTEMPTS)
         if gave_up is not None:
-            job_state.finish(dep, "failure", gave_up)
-            return _outcome(dep)
+            if dep.sequence is None:  # never frozen, so never written
+                job_state.finish(dep, "failure", gave_up)
+                return outcome(dep)
+            return _Frozen(dep, give_up=gave_up)  # its bytes may be live: check S3 first
         job_state.count_attempt(dep)
-        return None
-
-
-def _claim(organization_id: str, widget_id: str, deployment_id: str) -> DeployOutcome | None:
-    """Unit of work 1. Returns an outcome when the deployment is (now) final, else None."""
-    with unit_of_work() as session:
-        org = session.get(Organization, organization_id)
-        assert org is not None
-        widget = lock_widget(session, organization_id, widget_id)
-        dep = _find(session, deployment_id)
-        assert dep is not None
-        if job_state.is_final(dep):
-            return _outcome(dep)
-        gone = _widget_gone_reason(session, organization_id, widget_id, widget)
-        if gone is not None:
-            job_state.finish(dep, "failure", gone)
-            return _outcome(dep)
-        assert widget is not None
         if dep.config is None:
+            widget = live_state.load_widget(session, organization_id, widget_id)
+            gone = live_state.gone_reason(session, organization_id, widget_id, widget)
+            if gone is not None or widget is None:
+                job_state.finish(dep, "failure", gone)
+                return outcome(dep)
             dep.config = build_snapshot(session, widget, deployment_id)
             dep.widget_version = widget.version
             dep.content_checksum = content_checksum(dep.config)
             dep.s3_key = container_key(org.api_key, widget.id)
+            dep.sequence = _next_sequence(session, widget.id)
         job_state.mark_running(dep)
-        return None
-
-
-def _publish(deployment_id: str, store: Callable[[], S3Store]) -> DeployOutcome:
-    """Unit of work 2, widget locked across the upload."""
-    with unit_of_work() as session:
-        dep = _find(session, deployment_id)
-        assert dep is not None
-        if job_state.is_final(dep):
-            return _outcome(dep)
-        assert dep.config is not None and dep.widget_version is not None
-        widget = lock_widget(session, dep.organization_id, dep.widget_id)
-        gone = _widget_gone_reason(session, dep.organization_id, dep.widget_id, widget)
-        if gone is not None:
-            job_state.finish(dep, "failure", gone)
-            return _outcome(dep)
-        assert widget is not None
-        live = _find(session, widget.live_deployment_id) if widget.live_deployment_id else None
-        if widget.published_version is not None and widget.published_version > dep.widget_version:
-            # Overtaken: a newer deployment is live. Writing would put an older snapshot back.
-            dep.live_deployment_id = widget.live_deployment_id
-            job_state.finish(dep, "success")
-            return _outcome(dep)
-        if (
-            live is not None
-            and live.content_checksum == dep.content_checksum
-            # The file really is that one (a deploy killed between its upload and its commit
-            # may have left other bytes there).
-            and dep.s3_key is not None
-            and store().stored_sha256(dep.s3_key) == live.checksum
-        ):
-            # Same content is already on S3: nothing to rewrite, but the widget is now up to date.
-            widget.published_version = max(widget.published_version or 0, dep.widget_version)
-            dep.live_deployment_id = live.deployment_id
-            job_state.finish(dep, "success")
-            return _outcome(dep)
-        body = canonical_json(dep.config)
-        dep.checksum = sha256_hex(body)
-        assert dep.s3_key is not None
-        store().put_json(
-            dep.s3_key,
-            body,
-            metadata={"deployment-id": dep.deployment_id, "sha256": dep.checksum},
-        )
-        widget.published_version = dep.widget_version
-        widget.live_deployment_id = dep.deployment_id
-        dep.live_deployment_id = dep.deployment_id
-        job_state.finish(dep, "success")
-        return _outcome(dep, published=True)
+        session.flush()
+        assert dep.sequence is not None
+        state = live_state.read_state(session, organization_id, widget_id, dep.sequence)
+        return _Frozen(dep, state)
 
 
 def run_deployment(
@@ -208,22 +125,36 @@ def run_deployment(
     """Run one delivery of a deploy job; safe to call any number of times for one deployment."""
     validate_job_ids(organization_id, widget_id, deployment_id)
     try:
-        done = _count_delivery(organization_id, widget_id, deployment_id)
+        step = _freeze(organization_id, widget_id, deployment_id)
     except IntegrityError:
         # Two deliveries of a producer-created job raced to insert the row: the other one won.
-        done = _count_delivery(organization_id, widget_id, deployment_id)
-    done = done or _claim(organization_id, widget_id, deployment_id)
-    return done if done is not None else _publish(deployment_id, store)
+        step = _freeze(organization_id, widget_id, deployment_id)
+    if isinstance(step, DeployOutcome):
+        return step
+    if step.state is None:
+        return fail_checked(step.dep, step.give_up or "gave up", store)
+    return publish(step.dep, step.state, store)
 
 
 def note_retry(deployment_id: str, error: str) -> None:
     with unit_of_work() as session:
         # Locked: the retry may already be running (or done) in another process.
-        job_state.note_retry(_find(session, deployment_id, lock=True), error)
+        job_state.note_retry(find_deployment(session, deployment_id, lock=True), error)
 
 
-def record_failure(organization_id: str, widget_id: str, deployment_id: str, error: str) -> None:
-    """``failure``; the widget's publication status is left as it was."""
+def record_failure(
+    organization_id: str,
+    widget_id: str,
+    deployment_id: str,
+    error: str,
+    store: Callable[[], S3Store],
+) -> None:
+    """Out of retries or failed permanently: ``failure``, unless S3 shows its bytes are live
+    (then ``success``). The widget's publication status is left as it was."""
     with unit_of_work() as session:
-        dep = _find(session, deployment_id, lock=True)
-        job_state.record_failure(dep, organization_id, widget_id, error)
+        dep = find_deployment(session, deployment_id)
+    if dep is None or job_state.is_final(dep):
+        return
+    if dep.organization_id != organization_id or dep.widget_id != widget_id:
+        return  # a message naming another organization's or widget's job must not fail it
+    fail_checked(dep, error, store)

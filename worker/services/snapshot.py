@@ -13,7 +13,6 @@ from typing import Any
 
 from sqlmodel import Session, col, select
 
-from worker.ids import require_safe_id
 from worker.models import Preference, PreferenceValue, Purpose, Widget
 
 SNAPSHOT_SCHEMA_VERSION = 1
@@ -117,10 +116,3 @@ def build_snapshot(session: Session, widget: Widget, deployment_id: str) -> dict
         "purposes": _purposes(session, widget),
         "preferences": _preferences(session, widget),
     }
-
-
-def container_key(api_key: str, widget_id: str) -> str:
-    """Where websites load a widget from (DESIGN): configs/{api_key}/containers/{widget_id}.json."""
-    require_safe_id(api_key, "api_key")
-    require_safe_id(widget_id, "widget_id")
-    return f"configs/{api_key}/containers/{widget_id}.json"

@@ -7,7 +7,7 @@ from typing import Any
 
 from billiard.einfo import ExceptionInfo
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 from sqlalchemy.exc import OperationalError
 
 from worker import constants as c
@@ -52,6 +52,13 @@ class JobTask(Task):  # type: ignore[misc]
         kwargs: dict[str, Any],
         einfo: ExceptionInfo,
     ) -> None:
+        if isinstance(exc, TimeLimitExceeded):
+            # Hard time limit: the child was killed, possibly after its upload went through.
+            # Celery requeues the message (``task_acks_on_timeout=False``); the redelivery
+            # decides from S3 and the database, and counts towards the attempt cap.
+            log.warning("%s %s killed by the hard time limit; redelivered", self.name, task_id)
+            self.record_retry(kwargs, f"killed after the {exc} s hard time limit")
+            return
         log.warning("%s %s failed: %s", self.name, task_id, readable(exc))
         self.record_failure(kwargs, readable(exc))
 

@@ -21,7 +21,7 @@ class DeployTask(JobTask):
     def record_failure(self, kwargs: dict[str, Any], error: str) -> None:
         ids = _ids(kwargs)
         if ids is not None:
-            service.record_failure(*ids, error)
+            service.record_failure(*ids, error, store=get_store)
 
     def record_retry(self, kwargs: dict[str, Any], error: str) -> None:
         ids = _ids(kwargs)

@@ -1,0 +1,170 @@
+"""What the database knows about a widget's live file, and its forward-only updates.
+
+The widget row records the sequence, ETag and deployment of what is live (``live_seq``,
+``live_etag``, ``live_deployment_id``). Two compare-and-set updates move it, each a single
+``UPDATE ... WHERE`` in a short transaction, never across an S3 call:
+
+* :func:`record_put`: after a successful write of sequence *s*: only if nothing of a sequence
+  ``>= s`` is recorded (forward only).
+* :func:`record_same_content`: a deployment whose content is already live takes the live
+  sequence without writing, but only if the record is still exactly the one it read; a publish
+  that lands in between changes the record, and the caller decides again.
+
+S3's conditional writes decide what the *file* is; these decide what the database says about it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import update
+from sqlmodel import Session, col, select
+
+from worker.db import is_postgres
+from worker.models import ArchiveJob, Deployment, Widget
+from worker.services import job_state
+
+ARCHIVED_ERROR = "widget archived: deployments of an archived widget are not published"
+NOT_FOUND_ERROR = "widget not found (deleted, or not a widget of this organization)"
+
+
+@dataclass(frozen=True)
+class Live:
+    """What is (believed) live: from the database, or from a HEAD of the file itself."""
+
+    seq: int | None = None
+    etag: str | None = None
+    content_checksum: str | None = None
+    deployment_id: str | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self.etag is not None
+
+
+@dataclass(frozen=True)
+class WidgetState:
+    """One read of everything a publish decision needs."""
+
+    gone: str | None  # why nothing may be published any more (archived, deleted), else None
+    live: Live
+    newer_deployment_id: str | None  # a newer snapshot of the widget that has not failed
+
+
+def gone_reason(
+    session: Session, organization_id: str, widget_id: str, widget: Widget | None
+) -> str | None:
+    if widget is not None:
+        return ARCHIVED_ERROR if widget.is_archived else None
+    # Gone: archived (and already removed by its archive job), or never this org's widget.
+    archived = session.exec(
+        select(ArchiveJob.id).where(
+            ArchiveJob.organization_id == organization_id, ArchiveJob.widget_id == widget_id
+        )
+    ).first()
+    return ARCHIVED_ERROR if archived is not None else NOT_FOUND_ERROR
+
+
+def find_deployment(session: Session, deployment_id: str, lock: bool = False) -> Deployment | None:
+    stmt = select(Deployment).where(Deployment.deployment_id == deployment_id)
+    if lock and is_postgres(session):
+        stmt = stmt.with_for_update()
+    return session.exec(stmt.execution_options(populate_existing=True)).first()
+
+
+def deployment_at(session: Session, widget_id: str, sequence: int) -> Deployment | None:
+    stmt = select(Deployment).where(
+        Deployment.widget_id == widget_id, Deployment.sequence == sequence
+    )
+    return session.exec(stmt).first()
+
+
+def load_widget(session: Session, organization_id: str, widget_id: str) -> Widget | None:
+    stmt = select(Widget).where(Widget.id == widget_id, Widget.organization_id == organization_id)
+    return session.exec(stmt.execution_options(populate_existing=True)).first()
+
+
+def read_state(
+    session: Session, organization_id: str, widget_id: str, sequence: int
+) -> WidgetState:
+    widget = load_widget(session, organization_id, widget_id)
+    gone = gone_reason(session, organization_id, widget_id, widget)
+    if gone is not None or widget is None:
+        return WidgetState(gone or NOT_FOUND_ERROR, Live(), None)
+    content = None
+    if widget.live_deployment_id is not None:
+        content = session.exec(
+            select(Deployment.content_checksum).where(
+                Deployment.deployment_id == widget.live_deployment_id
+            )
+        ).first()
+    newer = session.exec(
+        select(Deployment.deployment_id)
+        .where(
+            Deployment.widget_id == widget_id,
+            col(Deployment.sequence) > sequence,
+            Deployment.status != "failure",
+        )
+        .order_by(col(Deployment.sequence).desc())
+        .limit(1)
+    ).first()
+    live = Live(widget.live_seq, widget.live_etag, content, widget.live_deployment_id)
+    return WidgetState(None, live, newer)
+
+
+def record_put(
+    session: Session, dep: Deployment, etag: str, *, live_deployment_id: str | None = None
+) -> bool:
+    """Forward-only: this deployment's file (or ``live_deployment_id``'s bytes, for a repair)
+    is live at ``dep.sequence``. False if a sequence at least as high is already recorded, or
+    the widget was archived meanwhile."""
+    assert dep.sequence is not None
+    owner = live_deployment_id or dep.deployment_id
+    result = session.connection().execute(
+        update(Widget)
+        .where(
+            col(Widget.id) == dep.widget_id,
+            col(Widget.archived_at).is_(None),
+            col(Widget.live_seq).is_(None) | (col(Widget.live_seq) < dep.sequence),
+        )
+        .values(
+            live_seq=dep.sequence,
+            live_etag=etag,
+            live_deployment_id=owner,
+            published_version=dep.widget_version,
+        )
+    )
+    return bool(result.rowcount)
+
+
+def record_same_content(session: Session, dep: Deployment, seen: Live, file: Live) -> bool:
+    """Compare-and-set on exactly the record read (``seen``): the live file (``file``, equal in
+    content to this deployment) now stands for this deployment's sequence."""
+    assert dep.sequence is not None
+    seen_seq = col(Widget.live_seq)
+    matches = seen_seq.is_(None) if seen.seq is None else seen_seq == seen.seq
+    result = session.connection().execute(
+        update(Widget)
+        .where(col(Widget.id) == dep.widget_id, col(Widget.archived_at).is_(None), matches)
+        .values(
+            live_seq=dep.sequence,
+            live_etag=file.etag,
+            live_deployment_id=file.deployment_id,
+            published_version=dep.widget_version,
+        )
+    )
+    return bool(result.rowcount)
+
+
+def record_etag(session: Session, widget_id: str, sequence: int, etag: str) -> None:
+    """The file of the recorded live sequence was rewritten (a repair): remember its ETag."""
+    session.connection().execute(
+        update(Widget)
+        .where(col(Widget.id) == widget_id, col(Widget.live_seq) == sequence)
+        .values(live_etag=etag)
+    )
+
+
+def finish_success(dep: Deployment, live_deployment_id: str | None) -> None:
+    dep.live_deployment_id = live_deployment_id
+    job_state.finish(dep, "success")
