@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col
 
 from worker.db import unit_of_work
 from worker.ids import require_safe_id
@@ -55,12 +55,16 @@ def validate_job_ids(organization_id: object, widget_id: object, deployment_id: 
 
 def _next_sequence(session: Session, widget_id: str) -> int:
     """Take the widget's next publish sequence (the row is locked only until this commit)."""
-    session.connection().execute(
-        update(Widget)
-        .where(col(Widget.id) == widget_id)
-        .values(publish_seq=col(Widget.publish_seq) + 1)
+    seq = (
+        session.connection()
+        .execute(
+            update(Widget)
+            .where(col(Widget.id) == widget_id)
+            .values(publish_seq=col(Widget.publish_seq) + 1)
+            .returning(col(Widget.publish_seq))
+        )
+        .scalar_one()
     )
-    seq = session.exec(select(Widget.publish_seq).where(Widget.id == widget_id)).one()
     return int(seq)
 
 
@@ -101,9 +105,9 @@ def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployO
                 return outcome(dep)
             return _Frozen(dep, give_up=gave_up)  # its bytes may be live: check S3 first
         job_state.count_attempt(dep)
+        widget = live_state.load_widget(session, organization_id, widget_id)
+        gone = live_state.gone_reason(session, organization_id, widget_id, widget)
         if dep.config is None:
-            widget = live_state.load_widget(session, organization_id, widget_id)
-            gone = live_state.gone_reason(session, organization_id, widget_id, widget)
             if gone is not None or widget is None:
                 job_state.finish(dep, "failure", gone)
                 return outcome(dep)
@@ -115,7 +119,9 @@ def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployO
         job_state.mark_running(dep)
         session.flush()
         assert dep.sequence is not None
-        state = live_state.read_state(session, organization_id, widget_id, dep.sequence)
+        state = live_state.read_state(
+            session, organization_id, widget_id, dep.sequence, loaded=(widget, gone)
+        )
         return _Frozen(dep, state)
 
 

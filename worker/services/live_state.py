@@ -85,10 +85,18 @@ def load_widget(session: Session, organization_id: str, widget_id: str) -> Widge
 
 
 def read_state(
-    session: Session, organization_id: str, widget_id: str, sequence: int
+    session: Session,
+    organization_id: str,
+    widget_id: str,
+    sequence: int,
+    loaded: tuple[Widget | None, str | None] | None = None,
 ) -> WidgetState:
-    widget = load_widget(session, organization_id, widget_id)
-    gone = gone_reason(session, organization_id, widget_id, widget)
+    """``loaded``: the widget and its gone reason, when this transaction already read them."""
+    if loaded is None:
+        widget = load_widget(session, organization_id, widget_id)
+        gone = gone_reason(session, organization_id, widget_id, widget)
+    else:
+        widget, gone = loaded
     if gone is not None or widget is None:
         return WidgetState(gone or NOT_FOUND_ERROR, Live(), None)
     content = None
