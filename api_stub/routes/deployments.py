@@ -12,7 +12,7 @@ from api_stub.deps import OrgDep, SessionDep, check_body_org, get_owned
 from api_stub.errors import ApiError
 from api_stub.query import ListQuery, apply_list_query, list_query
 from api_stub.routes.widgets import get_live_widget
-from api_stub.schemas.widgets import DeploymentCreate, DeploymentPublic
+from api_stub.schemas.deployments import DeploymentCreate, DeploymentPublic
 from worker import producer
 from worker.models import Deployment, Organization, utcnow
 

@@ -1,4 +1,4 @@
-"""Widgets, deployments and the tenancy admin bodies."""
+"""Widgets and the tenancy admin bodies."""
 
 from __future__ import annotations
 
@@ -73,31 +73,6 @@ class WidgetPublic(OutputModel):
     published_version: int | None
     created_at: Timestamp
     updated_at: Timestamp
-
-
-class DeploymentCreate(OrgScopedInput):
-    widget_id: SafeId
-    # Optional idempotency key: sending the same one twice returns the first deployment.
-    deployment_id: SafeId | None = None
-
-
-class DeploymentPublic(OutputModel):
-    id: str
-    deployment_id: str
-    organization_id: str
-    widget_id: str
-    config: JsonObject | None
-    status: Literal["ready", "running", "success", "failure"]
-    error: str | None
-    attempts: int
-    widget_version: int | None
-    s3_key: str | None
-    checksum: str | None
-    live_deployment_id: str | None
-    created_at: Timestamp
-    updated_at: Timestamp
-    started_at: Timestamp | None
-    finished_at: Timestamp | None
 
 
 class OrganizationCreate(InputModel):
