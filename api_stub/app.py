@@ -13,6 +13,7 @@ from api_stub.errors import install_error_handlers
 from api_stub.routes import (
     archive,
     assets,
+    bulk,
     deployments,
     health,
     preferences,
@@ -52,6 +53,7 @@ def create_app() -> FastAPI:
     app.include_router(preferences.router)
     # Before the widgets router: /widgets/deployments, /widgets/archived... must not match
     # /widgets/{widget_id}.
+    app.include_router(bulk.router)  # before deployments: /bulk is not a deployment id
     app.include_router(deployments.router)
     app.include_router(archive.router)
     app.include_router(assets.router)

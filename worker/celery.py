@@ -97,7 +97,12 @@ def _load_config() -> dict[str, Any]:
 
 app = Celery(
     "worker",
-    include=["worker.tasks.deploy", "worker.tasks.archive", "worker.tasks.maintenance"],
+    include=[
+        "worker.tasks.deploy",
+        "worker.tasks.archive",
+        "worker.tasks.bulk",
+        "worker.tasks.maintenance",
+    ],
 )
 app.add_defaults(_load_config)
 

@@ -6,6 +6,7 @@ DEPLOY_TASK = "widgets.deploy"
 ARCHIVE_TASK = "widgets.archive"
 CLEANUP_TASK = "widgets.cleanup_drafts"
 RECONCILE_TASK = "widgets.reconcile"
+BULK_DEPLOY_TASK = "widgets.bulk_deploy"
 
 DEPLOY_QUEUE = "deployments"
 ARCHIVE_QUEUE = "archives"
@@ -16,6 +17,7 @@ QUEUES = (DEPLOY_QUEUE, ARCHIVE_QUEUE, MAINTENANCE_QUEUE, DEFAULT_CELERY_QUEUE)
 
 TASK_ROUTES = {
     DEPLOY_TASK: {"queue": DEPLOY_QUEUE},
+    BULK_DEPLOY_TASK: {"queue": DEPLOY_QUEUE},
     ARCHIVE_TASK: {"queue": ARCHIVE_QUEUE},
     CLEANUP_TASK: {"queue": MAINTENANCE_QUEUE},
     RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE},

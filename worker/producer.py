@@ -57,6 +57,10 @@ def send_archive(organization_id: str, widget_id: str, archive_job_id: str) -> b
     )
 
 
+def send_bulk(organization_id: str, bulk_id: str) -> bool:
+    return _send(c.BULK_DEPLOY_TASK, {"organization_id": organization_id, "bulk_id": bulk_id})
+
+
 def queue_sizes(queues: tuple[str, ...] = (c.DEPLOY_QUEUE, c.ARCHIVE_QUEUE)) -> dict[str, int]:
     """Messages waiting in each queue (not counting ones a worker has reserved)."""
     sizes: dict[str, int] = {}

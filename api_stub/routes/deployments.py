@@ -1,20 +1,23 @@
-"""``/widgets/deployments``: enqueue a deploy (202), list (plain array), get."""
+"""``/widgets/deployments``: enqueue a deploy or a rollback (202), list (plain array), get, diff."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response, status
+import jsonpatch
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
 
+from api_stub.actor import ActorDep
 from api_stub.deps import OrgDep, SessionDep, check_body_org, get_owned
-from api_stub.errors import ApiError
+from api_stub.errors import ApiError, bad_request, not_found
 from api_stub.query import ListQuery, apply_list_query, list_query
 from api_stub.routes.widgets import get_live_widget
-from api_stub.schemas.deployments import DeploymentCreate, DeploymentPublic
+from api_stub.schemas.deployments import DeploymentCreate, DeploymentPublic, JsonPatchOperation
 from worker import producer
-from worker.models import Deployment, Organization, utcnow
+from worker.models import Deployment, Organization, Widget, utcnow
 
 router = APIRouter(prefix="/widgets/deployments", tags=["deployments"])
 
@@ -42,15 +45,39 @@ def _repeat(
     return _accepted(request, response, dep)
 
 
+def _check_rollback_source(session: Session, org: Organization, body: DeploymentCreate) -> None:
+    """A rollback's source: this organization's (else 404), this widget's and successful
+    (else 400). The worker checks again when it freezes the snapshot."""
+    assert body.source_deployment_id is not None
+    source = _by_deployment_id(session, body.source_deployment_id) or session.get(
+        Deployment, body.source_deployment_id
+    )
+    if source is None or source.organization_id != org.id:
+        raise not_found("deployment", body.source_deployment_id)
+    if source.widget_id != body.widget_id:
+        raise bad_request(
+            "source_deployment_id is a deployment of another widget",
+            {"source_deployment_id": "another widget's deployment"},
+        )
+    if source.status != "success" or source.config is None:
+        raise bad_request(
+            "source_deployment_id never succeeded: only a published snapshot can be rolled back to",
+            {"source_deployment_id": f"status {source.status}"},
+        )
+    body.source_deployment_id = source.deployment_id  # either id may be given; store the key
+
+
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
 def create_deployment(
     body: DeploymentCreate,
     org: OrgDep,
+    actor: ActorDep,
     session: SessionDep,
     request: Request,
     response: Response,
 ) -> DeploymentPublic:
-    """Accept a deploy: the row is committed (``ready``), then the job is sent to the workers."""
+    """Accept a deploy (or, with ``source_deployment_id``, a rollback): the row is committed
+    (``ready``), then the job is sent to the workers."""
     check_body_org(body.organization_id, org)
     if body.deployment_id is not None and (
         existing := _by_deployment_id(session, body.deployment_id)
@@ -59,7 +86,16 @@ def create_deployment(
     # No lock: an archive that lands after this check is seen by the worker, which then fails
     # the deployment ("widget archived") and publishes nothing.
     widget = get_live_widget(session, org, body.widget_id)
-    dep = Deployment(organization_id=org.id, widget_id=widget.id, enqueued_at=utcnow())
+    if body.source_deployment_id is not None:
+        _check_rollback_source(session, org, body)
+    dep = Deployment(
+        organization_id=org.id,
+        widget_id=widget.id,
+        enqueued_at=utcnow(),
+        source_deployment_id=body.source_deployment_id,
+        created_by=actor,
+        reason=body.reason,
+    )
     if body.deployment_id is not None:
         dep.deployment_id = body.deployment_id
     session.add(dep)
@@ -79,7 +115,9 @@ def create_deployment(
 
 @router.get("")
 def list_deployments(
-    org: OrgDep, session: SessionDep, query: Annotated[ListQuery, Depends(list_query("widget_id"))]
+    org: OrgDep,
+    session: SessionDep,
+    query: Annotated[ListQuery, Depends(list_query("widget_id", "created_by", "bulk_id"))],
 ) -> list[DeploymentPublic]:
     stmt = select(Deployment).where(Deployment.organization_id == org.id)
     rows = session.exec(apply_list_query(stmt, Deployment, query)).all()
@@ -89,3 +127,40 @@ def list_deployments(
 @router.get("/{deployment_id}", name="get_deployment")
 def get_deployment(deployment_id: str, org: OrgDep, session: SessionDep) -> DeploymentPublic:
     return DeploymentPublic.model_validate(_get(session, org, deployment_id))
+
+
+def _snapshot(dep: Deployment) -> dict[str, Any]:
+    if dep.config is None:
+        raise bad_request(
+            f"deployment {dep.id} has no snapshot yet (status {dep.status})",
+            {"deployment_id": "no snapshot yet"},
+        )
+    # The deployment's own id differs between any two snapshots: not a change to review.
+    return {k: v for k, v in dep.config.items() if k != "deployment_id"}
+
+
+@router.get(
+    "/{deployment_id}/diff",
+    response_model=None,
+    responses={200: {"model": list[JsonPatchOperation], "description": "RFC 6902 JSON Patch"}},
+)
+def diff_deployment(
+    deployment_id: str,
+    org: OrgDep,
+    session: SessionDep,
+    against: Annotated[str, Query(description="another deployment's id, or `live`")],
+) -> JSONResponse:
+    """The RFC 6902 JSON Patch that turns the ``against`` snapshot into this one: what
+    publishing this snapshot (a rollback, a republish) would change on websites. ``against=live``
+    compares with the widget's live deployment. ``deployment_id`` itself is left out."""
+    dep = _get(session, org, deployment_id)
+    if against == "live":
+        widget = session.get(Widget, dep.widget_id)
+        live_id = widget.live_deployment_id if widget and not widget.is_archived else None
+        other = _by_deployment_id(session, live_id) if live_id else None
+        if other is None:
+            raise not_found("live deployment of widget", dep.widget_id)
+    else:
+        other = _get(session, org, against)
+    patch = jsonpatch.make_patch(_snapshot(other), _snapshot(dep))
+    return JSONResponse(patch.patch)

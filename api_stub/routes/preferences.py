@@ -5,12 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, status
+from fastapi import APIRouter, Depends, Response, status
 from sqlmodel import Session, col, select
 
+from api_stub.actor import ActorDep
 from api_stub.deps import OrgDep, SessionDep, check_body_org, get_owned
 from api_stub.errors import bad_request
 from api_stub.query import ListQuery, fetch_page, list_query
+from api_stub.routes.bulk import RedeployQuery, after_catalog_edit
 from api_stub.schemas.catalog import (
     PreferenceCreate,
     PreferencePublic,
@@ -18,6 +20,7 @@ from api_stub.schemas.catalog import (
     PreferenceValueIn,
     PreferenceValuePublic,
 )
+from api_stub.schemas.catalog_edits import PreferenceEdited
 from api_stub.schemas.common import Page
 from worker.models import Organization, Preference, PreferenceValue, utcnow
 
@@ -121,8 +124,16 @@ def get_preference(preference_id: str, org: OrgDep, session: SessionDep) -> Pref
 
 @router.patch("/{preference_id}")
 def update_preference(
-    preference_id: str, body: PreferenceUpdate, org: OrgDep, session: SessionDep
-) -> PreferencePublic:
+    preference_id: str,
+    body: PreferenceUpdate,
+    org: OrgDep,
+    actor: ActorDep,
+    session: SessionDep,
+    response: Response,
+    redeploy: RedeployQuery = False,
+) -> PreferenceEdited:
+    """Widgets whose live snapshot embeds the preference (or its values) get unpublished
+    changes (same transaction); ``?redeploy=true`` also republishes them."""
     pref = _get(session, org, preference_id)
     for field in ("name", "description", "type"):
         if (value := getattr(body, field)) is not None:
@@ -135,15 +146,32 @@ def update_preference(
         values = _replace_values(session, pref, body.values)
     else:
         values = _values(session, [pref.id]).get(pref.id, [])
-    session.commit()
-    return _public(pref, values)
+    session.flush()
+    public = _public(pref, values)
+    affected, job = after_catalog_edit(
+        session, org, {"preference_id": pref.id}, redeploy, actor, response
+    )
+    return PreferenceEdited(
+        **public.model_dump(), affected_widgets=affected, redeploy_bulk_id=job.id if job else None
+    )
 
 
 @router.delete("/{preference_id}")
-def delete_preference(preference_id: str, org: OrgDep, session: SessionDep) -> PreferencePublic:
+def delete_preference(
+    preference_id: str,
+    org: OrgDep,
+    actor: ActorDep,
+    session: SessionDep,
+    response: Response,
+    redeploy: RedeployQuery = False,
+) -> PreferenceEdited:
     pref = _get(session, org, preference_id)
     values = _values(session, [pref.id]).get(pref.id, [])
     removed = _public(pref, values)
     session.delete(pref)  # its values go with it (ON DELETE CASCADE)
-    session.commit()
-    return removed
+    affected, job = after_catalog_edit(
+        session, org, {"preference_id": preference_id}, redeploy, actor, response
+    )
+    return PreferenceEdited(
+        **removed.model_dump(), affected_widgets=affected, redeploy_bulk_id=job.id if job else None
+    )

@@ -1,16 +1,31 @@
-"""Deployments: the deploy request and the deployment resource."""
+"""Deployments: the deploy request, the deployment resource, diffs and bulk redeploys."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from api_stub.schemas.common import JsonObject, OrgScopedInput, OutputModel, SafeId, Timestamp
+from pydantic import Field, StringConstraints, model_validator
+
+from api_stub.schemas.common import (
+    JsonObject,
+    OrgScopedInput,
+    OutputModel,
+    SafeId,
+    Timestamp,
+)
+from worker.models.jobs import MAX_REASON_LENGTH
+from worker.services.bulk import MAX_WIDGET_IDS
+
+Reason = Annotated[str, StringConstraints(max_length=MAX_REASON_LENGTH)]
 
 
 class DeploymentCreate(OrgScopedInput):
     widget_id: SafeId
     # Optional idempotency key: sending the same one twice returns the first deployment.
     deployment_id: SafeId | None = None
+    # A rollback: republish this earlier successful deployment's snapshot of the same widget.
+    source_deployment_id: SafeId | None = None
+    reason: Reason | None = None
 
 
 class DeploymentPublic(OutputModel):
@@ -28,7 +43,70 @@ class DeploymentPublic(OutputModel):
     live_deployment_id: str | None
     # The widget's publish sequence given to this snapshot (None until frozen): higher wins.
     sequence: int | None
+    source_deployment_id: str | None
+    bulk_id: str | None
+    # Who asked: the API key's id, "admin", or "producer" (a message sent without the API).
+    created_by: str
+    reason: str | None
     created_at: Timestamp
     updated_at: Timestamp
     started_at: Timestamp | None
     finished_at: Timestamp | None
+
+
+class JsonPatchOperation(OutputModel):
+    """One RFC 6902 operation."""
+
+    op: Literal["add", "remove", "replace", "move", "copy", "test"]
+    path: str
+    value: Any = None
+    from_: str | None = Field(default=None, alias="from")
+
+
+class BulkCreate(OrgScopedInput):
+    """Exactly one selector: ``widget_ids``, ``purpose_id``, ``preference_id`` (the widgets
+    whose live snapshot embeds it) or ``publication_status``."""
+
+    widget_ids: Annotated[list[SafeId], Field(min_length=1, max_length=MAX_WIDGET_IDS)] | None = (
+        None
+    )
+    purpose_id: SafeId | None = None
+    preference_id: SafeId | None = None
+    publication_status: Literal["draft", "published", "unpublished_changes"] | None = None
+    reason: Reason | None = None
+
+    @model_validator(mode="after")
+    def _one_selector(self) -> BulkCreate:
+        given = [
+            k
+            for k in ("widget_ids", "purpose_id", "preference_id", "publication_status")
+            if getattr(self, k) is not None
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one selector: widget_ids, purpose_id, preference_id or "
+                f"publication_status (got {', '.join(given) or 'none'})"
+            )
+        return self
+
+    def selector(self) -> dict[str, Any]:
+        return self.model_dump(
+            exclude_none=True,
+            include={"widget_ids", "purpose_id", "preference_id", "publication_status"},
+        )
+
+
+class BulkPublic(OutputModel):
+    id: str
+    organization_id: str
+    status: Literal["ready", "running", "success", "failure"]
+    total: int
+    ready: int
+    running: int
+    success: int
+    failure: int
+    selector: JsonObject
+    created_by: str
+    reason: str | None
+    created_at: Timestamp
+    updated_at: Timestamp

@@ -1,21 +1,34 @@
 """SQLModel tables (DESIGN "Data model"). Importing this package registers all of them."""
 
 from worker.models.catalog import Preference, PreferenceValue, Purpose
-from worker.models.jobs import FINAL_STATUSES, ArchivedWidget, ArchiveJob, Deployment
+from worker.models.jobs import (
+    CREATED_BY_ADMIN,
+    CREATED_BY_PRODUCER,
+    FINAL_STATUSES,
+    ArchivedWidget,
+    ArchiveJob,
+    BulkJob,
+    Deployment,
+)
 from worker.models.tenancy import ApiKey, Organization
 from worker.models.types import utcnow
 from worker.models.widgets import (
+    LiveCatalogRef,
     PublicationStatus,
     Widget,
     WidgetAsset,
 )
 
 __all__ = [
+    "CREATED_BY_ADMIN",
+    "CREATED_BY_PRODUCER",
     "FINAL_STATUSES",
     "ApiKey",
     "ArchiveJob",
     "ArchivedWidget",
+    "BulkJob",
     "Deployment",
+    "LiveCatalogRef",
     "Organization",
     "Preference",
     "PreferenceValue",

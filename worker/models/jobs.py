@@ -12,6 +12,11 @@ from worker.ids import new_id
 from worker.models.types import PortableJSON, UTCDateTime, utcnow
 
 FINAL_STATUSES: frozenset[str] = frozenset({"success", "failure"})
+# Who asked for a job (``created_by``): an API key's id, the admin, or a Celery producer that
+# sent the message without the API.
+CREATED_BY_PRODUCER = "producer"
+CREATED_BY_ADMIN = "admin"
+MAX_REASON_LENGTH = 500
 
 
 class Deployment(SQLModel, table=True):
@@ -32,6 +37,8 @@ class Deployment(SQLModel, table=True):
         Index("ix_deployments_status_created", "status", "created_at"),
         # Publish order: one sequence number per snapshot of a widget.
         Index("ix_deployments_widget_sequence", "widget_id", "sequence", unique=True),
+        # A bulk redeploy creates at most one deployment per widget, however often it resumes.
+        Index("ix_deployments_bulk_widget", "bulk_id", "widget_id", unique=True),
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
@@ -52,6 +59,11 @@ class Deployment(SQLModel, table=True):
     checksum: str | None = Field(default=None, max_length=64)
     content_checksum: str | None = Field(default=None, max_length=64)
     live_deployment_id: str | None = Field(default=None, max_length=64)
+    # A rollback republishes this earlier deployment's snapshot (same bytes, its own id).
+    source_deployment_id: str | None = Field(default=None, max_length=64)
+    bulk_id: str | None = Field(default=None, max_length=64)
+    created_by: str = Field(default=CREATED_BY_PRODUCER, max_length=64)
+    reason: str | None = Field(default=None, max_length=MAX_REASON_LENGTH)
     enqueued_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
@@ -73,9 +85,33 @@ class ArchiveJob(SQLModel, table=True):
     error: str | None = None
     attempts: int = 0
     requeues: int = 0  # times the reconciler re-sent it
+    created_by: str = Field(default=CREATED_BY_PRODUCER, max_length=64)
+    reason: str | None = Field(default=None, max_length=MAX_REASON_LENGTH)
     enqueued_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+    updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class BulkJob(SQLModel, table=True):
+    """A redeploy of many widgets: one deployment each (``deployments.bulk_id``), fanned out in
+    batches by ``widgets.bulk_deploy``; ``cursor`` is the last widget id handled, so a resumed
+    fan-out continues where it stopped. Progress is counted from its deployments."""
+
+    __tablename__ = "bulk_jobs"
+
+    id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
+    organization_id: str = Field(foreign_key="organizations.id", index=True, max_length=64)
+    selector: dict[str, Any] = Field(default_factory=dict, sa_type=PortableJSON)
+    created_by: str = Field(default=CREATED_BY_PRODUCER, max_length=64)
+    reason: str | None = Field(default=None, max_length=MAX_REASON_LENGTH)
+    cursor: str | None = Field(default=None, max_length=64)
+    fanned_out_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    error: str | None = None
+    attempts: int = 0
+    requeues: int = 0
+    enqueued_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 

@@ -102,3 +102,21 @@ class WidgetAsset(SQLModel, table=True):
     status: str = Field(default="stored", max_length=16)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
+
+
+class LiveCatalogRef(SQLModel, table=True):
+    """A purpose or preference (with its values) embedded in a widget's **live** snapshot.
+
+    Rewritten whenever the widget's live record moves (worker.services.live_state), so a catalog
+    edit finds every published widget it makes stale with one indexed query, however many
+    widgets the organization has.
+    """
+
+    __tablename__ = "live_catalog_refs"
+    __table_args__ = (Index("ix_live_catalog_refs_org_item", "organization_id", "item_id"),)
+
+    widget_id: str = Field(
+        sa_column=Column(String(64), ForeignKey("widgets.id", ondelete="CASCADE"), primary_key=True)
+    )
+    item_id: str = Field(primary_key=True, max_length=64)
+    organization_id: str = Field(max_length=64)

@@ -53,6 +53,17 @@ def validate_job_ids(organization_id: object, widget_id: object, deployment_id: 
     require_safe_id(deployment_id, "deployment_id")
 
 
+def rollback_source_problem(source: Deployment | None, dep: Deployment) -> str | None:
+    """Why ``source`` cannot be republished as ``dep`` (None: it can)."""
+    if source is None or source.organization_id != dep.organization_id:
+        return f"source deployment {dep.source_deployment_id} not found"
+    if source.widget_id != dep.widget_id:
+        return f"source deployment {source.deployment_id} is of another widget"
+    if source.status != "success" or source.config is None:
+        return f"source deployment {source.deployment_id} never succeeded"
+    return None
+
+
 def _next_sequence(session: Session, widget_id: str) -> int:
     """Take the widget's next publish sequence (the row is locked only until this commit)."""
     seq = (
@@ -111,8 +122,17 @@ def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployO
             if gone is not None or widget is None:
                 job_state.finish(dep, "failure", gone)
                 return outcome(dep)
-            dep.config = build_snapshot(session, widget, deployment_id)
-            dep.widget_version = widget.version
+            if dep.source_deployment_id is None:
+                dep.config = build_snapshot(session, widget, deployment_id)
+                dep.widget_version = widget.version
+            else:  # a rollback: the source's snapshot, with this deployment's own id
+                source = find_deployment(session, dep.source_deployment_id)
+                problem = rollback_source_problem(source, dep)
+                if problem is not None or source is None or source.config is None:
+                    job_state.finish(dep, "failure", problem)
+                    return outcome(dep)
+                dep.config = {**source.config, "deployment_id": deployment_id}
+                dep.widget_version = source.widget_version
             dep.content_checksum = content_checksum(dep.config)
             dep.s3_key = container_key(org.api_key, widget.id)
             dep.sequence = _next_sequence(session, widget.id)

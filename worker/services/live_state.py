@@ -23,6 +23,7 @@ from sqlmodel import Session, col, select
 from worker.db import is_postgres
 from worker.models import ArchiveJob, Deployment, Widget
 from worker.services import job_state
+from worker.services.catalog_impact import replace_live_refs
 
 ARCHIVED_ERROR = "widget archived: deployments of an archived widget are not published"
 NOT_FOUND_ERROR = "widget not found (deleted, or not a widget of this organization)"
@@ -142,7 +143,10 @@ def record_put(
             published_version=dep.widget_version,
         )
     )
-    return bool(result.rowcount)
+    if not result.rowcount:
+        return False
+    replace_live_refs(session, dep.organization_id, dep.widget_id, dep.config)
+    return True
 
 
 def record_same_content(session: Session, dep: Deployment, seen: Live, file: Live) -> bool:
@@ -161,7 +165,10 @@ def record_same_content(session: Session, dep: Deployment, seen: Live, file: Liv
             published_version=dep.widget_version,
         )
     )
-    return bool(result.rowcount)
+    if not result.rowcount:
+        return False
+    replace_live_refs(session, dep.organization_id, dep.widget_id, dep.config)
+    return True
 
 
 def record_etag(session: Session, widget_id: str, sequence: int, etag: str) -> None:
