@@ -1,4 +1,4 @@
-"""Operator commands: ``python -m worker.cli cleanup --dry-run`` and friends."""
+"""Operator commands: ``python -m worker.cli cleanup --dry-run``, ``redeploy`` and friends."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from worker import cli_redeploy
 from worker.settings import ConfigurationError, get_settings
 
 
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     clean.add_argument("--dry-run", action="store_true", help="list what would be archived")
     clean.add_argument("--days", type=int, help="override DRAFT_RETENTION_DAYS")
     sub.add_parser("reconcile", help="re-send lost jobs and recover stuck ones now")
+    cli_redeploy.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         settings = get_settings()
@@ -23,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    if args.command == "redeploy":
+        return cli_redeploy.run(args)
     if args.command == "cleanup":
         days = args.days or settings.draft_retention_days
         if args.dry_run:

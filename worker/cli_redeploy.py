@@ -1,0 +1,112 @@
+"""``python -m worker.cli redeploy``: a bulk redeploy from a shell, with a live progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlmodel import col, select
+
+from worker.db import unit_of_work
+from worker.ids import is_safe_id
+from worker.models import CREATED_BY_ADMIN, BulkJob, Organization, Widget
+from worker.services import bulk
+
+POLL_SECONDS = 0.5
+EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 3
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("redeploy", help="redeploy many widgets and follow the progress")
+    p.add_argument("--organization", required=True, help="organization id")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--purpose", help="widgets whose live snapshot embeds this purpose")
+    which.add_argument("--preference", help="widgets whose live snapshot embeds this preference")
+    which.add_argument(
+        "--unpublished", action="store_true", help="widgets with unpublished changes"
+    )
+    which.add_argument("--widget", nargs="+", help="these widgets")
+    p.add_argument("--reason", help="recorded on the bulk job and its deployments")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
+
+
+def _selector(args: argparse.Namespace) -> dict[str, object]:
+    if args.purpose:
+        return {"purpose_id": args.purpose}
+    if args.preference:
+        return {"preference_id": args.preference}
+    if args.unpublished:
+        return {"publication_status": "unpublished_changes"}
+    return {"widget_ids": list(args.widget)}
+
+
+def _problem(args: argparse.Namespace, selector: dict[str, object]) -> str | None:
+    ids = [args.organization, args.purpose, args.preference, *(args.widget or [])]
+    if not all(is_safe_id(i) for i in ids if i is not None):
+        return "ids must be 1-64 characters of [A-Za-z0-9_-]"
+    with unit_of_work() as s:
+        if s.get(Organization, args.organization) is None:
+            return f"unknown organization {args.organization}"
+        if args.widget:
+            found = set(
+                s.exec(
+                    select(Widget.id).where(
+                        Widget.organization_id == args.organization,
+                        col(Widget.id).in_(args.widget),
+                        col(Widget.archived_at).is_(None),
+                    )
+                ).all()
+            )
+            missing = sorted(set(args.widget) - found)
+            if missing:
+                return f"widget(s) not found in this organization: {', '.join(missing)}"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    from worker.producer import send_bulk
+
+    selector = _selector(args)
+    problem = _problem(args, selector)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    with unit_of_work() as s:
+        job_id = bulk.create(s, args.organization, selector, CREATED_BY_ADMIN, args.reason).id
+    if not send_bulk(args.organization, job_id):
+        print("warning: broker unreachable; the reconciler will send the job", file=sys.stderr)
+    print(f"bulk job {job_id}")
+    deadline = time.monotonic() + args.timeout
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("ok {task.fields[success]}  failed {task.fields[failure]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns) as bar:
+        task = bar.add_task("fanning out", total=None, success=0, failure=0)
+        while True:
+            with unit_of_work() as s:
+                job = s.get(BulkJob, job_id)
+                assert job is not None
+                state = bulk.progress(s, job)
+            fanned = job.fanned_out_at is not None
+            bar.update(
+                task,
+                description="redeploying" if fanned else "fanning out",
+                total=state.total if fanned else None,
+                completed=state.success + state.failure,
+                success=state.success,
+                failure=state.failure,
+            )
+            if state.status in ("success", "failure"):
+                break
+            if time.monotonic() > deadline:
+                print(f"error: not finished after {args.timeout:.0f}s", file=sys.stderr)
+                return EXIT_TIMEOUT
+            time.sleep(POLL_SECONDS)
+    print(f"{state.status}: {state.success} succeeded, {state.failure} failed of {state.total}")
+    return EXIT_FAILED if state.failure else 0
