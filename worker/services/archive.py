@@ -25,6 +25,7 @@ from sqlmodel import Session, col, select
 from worker.db import unit_of_work
 from worker.ids import require_safe_id
 from worker.models import (
+    CREATED_BY_PRODUCER,
     ArchivedWidget,
     ArchiveJob,
     Deployment,
@@ -60,12 +61,21 @@ def _outcome(job: ArchiveJob) -> ArchiveOutcome:
     return ArchiveOutcome(job.id, job.widget_id, job.status, job.result, job.error)
 
 
-def mark_archived(session: Session, widget: Widget) -> ArchiveJob:
+def mark_archived(
+    session: Session,
+    widget: Widget,
+    created_by: str = CREATED_BY_PRODUCER,
+    reason: str | None = None,
+) -> ArchiveJob:
     """Hide the widget at once and create its archive job (the API's side of DELETE)."""
     widget.archived_at = utcnow()
     session.add(widget)
     job = ArchiveJob(
-        organization_id=widget.organization_id, widget_id=widget.id, enqueued_at=utcnow()
+        organization_id=widget.organization_id,
+        widget_id=widget.id,
+        enqueued_at=utcnow(),
+        created_by=created_by,
+        reason=reason,
     )
     session.add(job)
     return job

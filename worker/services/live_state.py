@@ -121,14 +121,10 @@ def read_state(
     return WidgetState(None, live, newer)
 
 
-def record_put(
-    session: Session, dep: Deployment, etag: str, *, live_deployment_id: str | None = None
-) -> bool:
-    """Forward-only: this deployment's file (or ``live_deployment_id``'s bytes, for a repair)
-    is live at ``dep.sequence``. False if a sequence at least as high is already recorded, or
-    the widget was archived meanwhile."""
+def record_put(session: Session, dep: Deployment, etag: str) -> bool:
+    """Forward-only: this deployment's file is live at ``dep.sequence``. False if a sequence at
+    least as high is already recorded, or the widget was archived meanwhile."""
     assert dep.sequence is not None
-    owner = live_deployment_id or dep.deployment_id
     result = session.connection().execute(
         update(Widget)
         .where(
@@ -139,7 +135,7 @@ def record_put(
         .values(
             live_seq=dep.sequence,
             live_etag=etag,
-            live_deployment_id=owner,
+            live_deployment_id=dep.deployment_id,
             published_version=dep.widget_version,
         )
     )
