@@ -9,7 +9,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from api_stub.edge import BODY_READ_TIMEOUT_SECONDS, EdgeMiddleware
 from api_stub.errors import install_error_handlers
+from api_stub.openapi import install_openapi
 from api_stub.routes import (
     archive,
     assets,
@@ -39,14 +41,19 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     reset_engine()
 
 
-def create_app() -> FastAPI:
+def create_app(body_read_timeout: float = BODY_READ_TIMEOUT_SECONDS) -> FastAPI:
     app = FastAPI(
         title="Widget deployment API",
         summary="Enqueue deploy and archive jobs for privacy widgets (Didomi-style API).",
         version="0.1.0",
         lifespan=lifespan,
+        docs_url=None,  # served by install_openapi, without any CDN
+        redoc_url=None,
     )
     install_error_handlers(app)
+    install_openapi(app)
+    # Body limits, authentication before the body is read, no connection-closing 500s.
+    app.add_middleware(EdgeMiddleware, body_read_timeout=body_read_timeout)
     app.include_router(health.router)
     app.include_router(tenancy.router)
     app.include_router(purposes.router)

@@ -39,7 +39,10 @@ def read_token(token: str, signing_key: str) -> dict[str, Any] | None:
     """The token's claims, or None if it is forged, malformed or expired."""
     try:
         claims: dict[str, Any] = jwt.decode(
-            token, signing_key, algorithms=[TOKEN_ALGORITHM], options={"require": ["exp", "org"]}
+            token,
+            signing_key,
+            algorithms=[TOKEN_ALGORITHM],
+            options={"require": ["exp", "org", "sub"]},
         )
     except jwt.InvalidTokenError:
         return None

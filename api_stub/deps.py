@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
-from typing import Annotated, Protocol, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
-from fastapi import Depends, Header, Query, Request
+from fastapi import Depends, Query, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlmodel import Session
 
 from api_stub.auth import read_token
 from api_stub.errors import ApiError, bad_request, not_found
+from api_stub.schemas.common import SAFE_ID_PATTERN
 from worker.db import get_engine, read_only_engine
-from worker.ids import is_safe_id
-from worker.models import Organization
+from worker.ids import MAX_ID_LENGTH, is_safe_id
+from worker.models import ApiKey, Organization
 from worker.settings import Settings, get_settings
 
 
@@ -35,7 +37,31 @@ SettingsDep = Annotated[Settings, Depends(settings_dep)]
 SessionDep = Annotated[Session, Depends(session_dep)]
 
 
-def _bearer(authorization: str | None) -> str:
+# Documentation of the two bearer schemes (OpenAPI ``securitySchemes``); the checks themselves
+# are the functions below, run first by ``api_stub.edge`` (before any body is read) and again
+# here.
+ORG_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="OrganizationToken",
+    bearerFormat="JWT",
+    description="The access_token of POST /sessions, valid for the organization named by "
+    "?organization_id= (1 hour)",
+)
+ADMIN_BEARER = HTTPBearer(
+    auto_error=False,
+    scheme_name="AdminToken",
+    description="The ADMIN_TOKEN of the deployment",
+)
+# Set by api_stub.edge once it has checked that the token's API key still exists.
+KEY_CHECKED_STATE = "api_key_checked"
+ORGANIZATION_ID_QUERY = Query(
+    pattern=SAFE_ID_PATTERN,
+    max_length=MAX_ID_LENGTH,
+    description="The organization the request is for; the access token must be for it",
+)
+
+
+def bearer_token(authorization: str | None) -> str:
     if not authorization:
         raise ApiError(401, "Authentication required: send 'Authorization: Bearer <token>'")
     scheme, _, token = authorization.partition(" ")
@@ -50,36 +76,61 @@ def require_safe_path_id(value: str, name: str = "id") -> str:
     return value
 
 
+def check_org_token(
+    authorization: str | None, organization_id: str | None, settings: Settings
+) -> dict[str, Any]:
+    """The token's claims (401 if missing, forged or expired; 403 if for another organization).
+
+    No database access: the key's existence is :func:`check_key_active`.
+    """
+    claims = read_token(bearer_token(authorization), settings.signing_key)
+    if claims is None or not is_safe_id(claims.get("org")) or not is_safe_id(claims.get("sub")):
+        raise ApiError(401, "Invalid or expired access token")
+    if organization_id is not None and claims["org"] != organization_id:
+        raise ApiError(403, "The access token is not valid for this organization")
+    return claims
+
+
+def check_key_active(session: Session, claims: dict[str, Any]) -> None:
+    """401 unless the API key that issued the token still exists (revocation is immediate)."""
+    key = session.get(ApiKey, claims["sub"])
+    if key is None or key.organization_id != claims["org"]:
+        raise ApiError(401, "The access token's API key was revoked")
+
+
+def check_admin(authorization: str | None, settings: Settings) -> None:
+    token = bearer_token(authorization)
+    if hmac.compare_digest(token.encode(), settings.admin_bearer.encode()):
+        return
+    if read_token(token, settings.signing_key) is not None:
+        raise ApiError(403, "An organization token cannot use admin routes")
+    raise ApiError(401, "Invalid admin token")
+
+
 def organization_dep(
+    request: Request,
     session: SessionDep,
     settings: SettingsDep,
-    organization_id: Annotated[str | None, Query()] = None,
-    authorization: Annotated[str | None, Header()] = None,
+    organization_id: Annotated[str, ORGANIZATION_ID_QUERY],
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(ORG_BEARER)],
 ) -> Organization:
     """The organization named by ``?organization_id=``, which the bearer token must be for."""
-    if organization_id is None:
-        raise bad_request(
-            "organization_id query parameter is required", {"organization_id": "required"}
-        )
     require_safe_path_id(organization_id, "organization_id")
-    claims = read_token(_bearer(authorization), settings.signing_key)
-    if claims is None:
-        raise ApiError(401, "Invalid or expired access token")
-    if claims.get("org") != organization_id:
-        raise ApiError(403, "The access token is not valid for this organization")
+    claims = check_org_token(request.headers.get("authorization"), organization_id, settings)
+    if request.scope.get("state", {}).get(KEY_CHECKED_STATE) != claims["sub"]:
+        check_key_active(session, claims)
     org = session.get(Organization, organization_id)
     if org is None:
         raise ApiError(404, f"No organization found for id '{organization_id}'")
     return org
 
 
-def admin_dep(settings: SettingsDep, authorization: Annotated[str | None, Header()] = None) -> None:
-    token = _bearer(authorization)
-    if hmac.compare_digest(token.encode(), settings.admin_bearer.encode()):
-        return
-    if read_token(token, settings.signing_key) is not None:
-        raise ApiError(403, "An organization token cannot use admin routes")
-    raise ApiError(401, "Invalid admin token")
+def admin_dep(
+    request: Request,
+    settings: SettingsDep,
+    _credentials: Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_BEARER)],
+) -> None:
+    check_admin(request.headers.get("authorization"), settings)
 
 
 OrgDep = Annotated[Organization, Depends(organization_dep)]

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -18,6 +21,7 @@ ERROR_NAMES: dict[int, tuple[str, str]] = {
     403: ("Forbidden", "forbidden"),
     404: ("NotFound", "not-found"),
     405: ("MethodNotAllowed", "method-not-allowed"),
+    408: ("Timeout", "timeout"),
     409: ("Conflict", "conflict"),
     413: ("PayloadTooLarge", "payload-too-large"),
     415: ("UnsupportedMediaType", "unsupported-media-type"),
@@ -25,6 +29,19 @@ ERROR_NAMES: dict[int, tuple[str, str]] = {
     500: ("GeneralError", "general-error"),
     503: ("Unavailable", "unavailable"),
 }
+
+
+_HTTP_METHODS = frozenset({"GET", "PUT", "POST", "DELETE", "OPTIONS", "HEAD", "PATCH", "TRACE"})
+
+
+class ErrorBody(BaseModel):
+    """The shape of every error the API answers (documented in the OpenAPI as ``Error``)."""
+
+    code: int = Field(description="The HTTP status code", examples=[400])
+    name: str = Field(examples=["BadRequest"])
+    className: str = Field(examples=["bad-request"])
+    message: str
+    errors: dict[str, Any] = Field(description="Offending fields (dotted paths) and why")
 
 
 class ApiError(Exception):
@@ -52,8 +69,15 @@ def error_body(code: int, message: str, errors: dict[str, Any] | None = None) ->
     }
 
 
-def _response(code: int, message: str, errors: dict[str, Any] | None = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if code == 401 else None
+def _response(
+    code: int,
+    message: str,
+    errors: dict[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    headers = dict(headers or {})
+    if code == 401:
+        headers.setdefault("WWW-Authenticate", "Bearer")
     return JSONResponse(error_body(code, message, errors), status_code=code, headers=headers)
 
 
@@ -61,6 +85,31 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     # ("body", "values", 0, "name") -> "values.0.name"; the request part is dropped.
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or "body"
+
+
+def _path_patterns(app: FastAPI) -> list[tuple[re.Pattern[str], frozenset[str]]]:
+    cached: list[tuple[re.Pattern[str], frozenset[str]]] | None = getattr(
+        app.state, "path_patterns", None
+    )
+    if cached is None:
+        cached = []
+        for template, item in app.openapi().get("paths", {}).items():
+            regex = re.sub(r"\\\{[^/]+?\\\}", "[^/]+", re.escape(template))
+            methods = {m.upper() for m in item if m.upper() in _HTTP_METHODS}
+            if "GET" in methods:
+                methods.add("HEAD")
+            cached.append((re.compile(regex), frozenset(methods)))
+        app.state.path_patterns = cached
+    return cached
+
+
+def allowed_methods(app: FastAPI, path: str) -> list[str]:
+    """Every method some operation of ``path`` answers (from the OpenAPI paths)."""
+    found: set[str] = set()
+    for pattern, methods in _path_patterns(app):
+        if pattern.fullmatch(path):
+            found |= methods
+    return sorted(found)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -80,8 +129,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return _response(400, f"Invalid request: {summary}", errors)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _response(exc.status_code, str(exc.detail))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names the methods of one route only; a path has a route per method.
+            allowed = allowed_methods(request.app, request.url.path)
+            if allowed:
+                headers["Allow"] = ", ".join(allowed)
+        return _response(exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

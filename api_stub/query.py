@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import Request
+from fastapi import Query, Request
+from pydantic import WithJsonSchema
 from sqlalchemy import asc, desc
 from sqlmodel import Session, SQLModel, col, func, select
 from sqlmodel.sql.expression import SelectOfScalar
@@ -18,6 +20,9 @@ from worker.ids import is_safe_id
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+MAX_SKIP = 2**63 - 1  # what a database OFFSET holds
+# Plain ASCII digits, optionally negative (to say so): no sign '+', spaces, '_' or other digits.
+_INTEGER = re.compile(r"-?[0-9]{1,20}", re.ASCII)
 SORTABLE = ("created_at", "updated_at")
 _SORT_PARAM = re.compile(r"\$sort\[([^\]]*)\]")
 # Parameters every organization route takes; not filters.
@@ -34,14 +39,13 @@ class ListQuery:
     filters: Mapping[str, str] = field(default_factory=dict)
 
 
-def _non_negative_int(name: str, raw: str, maximum: int | None = None) -> int:
-    try:
-        value = int(raw)
-    except ValueError:
-        raise bad_request(f"{name} must be an integer", {name: "not an integer"}) from None
+def _non_negative_int(name: str, raw: str, maximum: int) -> int:
+    if _INTEGER.fullmatch(raw) is None:
+        raise bad_request(f"{name} must be an integer", {name: "not an integer"})
+    value = int(raw)
     if value < 0:
         raise bad_request(f"{name} must not be negative", {name: "negative"})
-    if maximum is not None and value > maximum:
+    if value > maximum:
         raise bad_request(f"{name} must be at most {maximum}", {name: f"above {maximum}"})
     return value
 
@@ -55,7 +59,7 @@ def parse_list_query(params: Sequence[tuple[str, str]], filters: Sequence[str]) 
         if name == "$limit":
             limit = _non_negative_int(name, raw, MAX_LIMIT)
         elif name == "$skip":
-            skip = _non_negative_int(name, raw)
+            skip = _non_negative_int(name, raw, MAX_SKIP)
         elif m := _SORT_PARAM.fullmatch(name):
             key = m.group(1)
             if key not in SORTABLE:
@@ -75,12 +79,67 @@ def parse_list_query(params: Sequence[tuple[str, str]], filters: Sequence[str]) 
     return ListQuery(limit=limit, skip=skip, sort=tuple(sort), filters=found)
 
 
-def list_query(*filters: str) -> Callable[[Request], ListQuery]:
-    """A FastAPI dependency parsing the list query of a route with these equality filters."""
+_SORT_SCHEMA: dict[str, Any] = {"type": "integer", "enum": [1, -1]}
+_LIST_PARAMETERS: list[tuple[str, str, dict[str, Any], str]] = [
+    (
+        "limit",
+        "$limit",
+        {"type": "integer", "minimum": 0, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT},
+        f"Page size (at most {MAX_LIMIT})",
+    ),
+    (
+        "skip",
+        "$skip",
+        {"type": "integer", "minimum": 0, "maximum": MAX_SKIP, "default": 0},
+        "Items to skip",
+    ),
+    ("sort_created_at", "$sort[created_at]", _SORT_SCHEMA, "1: oldest first, -1: newest first"),
+    ("sort_updated_at", "$sort[updated_at]", _SORT_SCHEMA, "1: oldest first, -1: newest first"),
+]
+_ID_SCHEMA: dict[str, Any] = {
+    "type": "string",
+    "pattern": r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+    "maxLength": 64,
+}
 
-    def dependency(request: Request) -> ListQuery:
+
+def list_query(*filters: str) -> Callable[..., ListQuery]:
+    """A FastAPI dependency parsing the list query of a route with these equality filters.
+
+    Its signature declares ``$limit``, ``$skip``, ``$sort[...]`` and the filters, so the OpenAPI
+    documents them; the values are read from the request (``parse_list_query``).
+    """
+
+    def dependency(request: Request, **_: Any) -> ListQuery:
         return parse_list_query(list(request.query_params.multi_items()), filters)
 
+    parameters = [
+        inspect.Parameter("request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Request)
+    ]
+    documented = [
+        (
+            name,
+            Annotated[
+                str | None, WithJsonSchema(schema), Query(alias=alias, description=description)
+            ],
+        )
+        for name, alias, schema, description in _LIST_PARAMETERS
+    ] + [
+        (
+            f"filter_{name}",
+            Annotated[
+                str | None,
+                WithJsonSchema(_ID_SCHEMA),
+                Query(alias=name, description=f"Only items of this {name}"),
+            ],
+        )
+        for name in filters
+    ]
+    parameters += [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=None)
+        for name, annotation in documented
+    ]
+    dependency.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     return dependency
 
 

@@ -261,10 +261,13 @@ class S3Store:
 
         return self._run(put(), f"put {key}")
 
-    def put_bytes(self, key: str, body: bytes, *, content_type: str) -> None:
+    def put_bytes(
+        self, key: str, body: bytes, *, content_type: str, content_disposition: str | None = None
+    ) -> None:
+        extra = {"ContentDisposition": content_disposition} if content_disposition else {}
         self._run(
             self._client.put_object(
-                Bucket=self.bucket, Key=key, Body=body, ContentType=content_type
+                Bucket=self.bucket, Key=key, Body=body, ContentType=content_type, **extra
             ),
             f"put {key}",
         )

@@ -14,6 +14,7 @@ from api_stub.query import ListQuery, fetch_page, list_query
 from api_stub.schemas.common import Page
 from api_stub.schemas.widgets import (
     ApiKeyPublic,
+    ApiKeyRevoked,
     OrganizationCreate,
     OrganizationPublic,
     SessionCreate,
@@ -74,6 +75,24 @@ def create_api_key(organization_id: str, session: SessionDep, _: AdminDep) -> Ap
     return ApiKeyPublic(
         key=key.id, secret=secret, organization_id=org.id, created_at=key.created_at
     )
+
+
+@router.delete("/organizations/{organization_id}/api-keys/{key}", tags=["admin"])
+def revoke_api_key(
+    organization_id: str, key: str, session: SessionDep, _: AdminDep
+) -> ApiKeyRevoked:
+    """Delete the key: no new session, and its access tokens stop working at once (every
+    request checks that the token's key still exists)."""
+    require_safe_path_id(organization_id, "organization_id")
+    row = session.get(ApiKey, require_safe_path_id(key, "key"))
+    if row is None or row.organization_id != organization_id:
+        raise not_found("API key", key)
+    revoked = ApiKeyRevoked(
+        key=row.id, organization_id=row.organization_id, created_at=row.created_at
+    )
+    session.delete(row)
+    session.commit()
+    return revoked
 
 
 @router.post("/sessions", status_code=status.HTTP_201_CREATED, tags=["auth"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field
 
 from api_stub.schemas.common import (
+    INT32_MAX,
+    INT32_MIN,
+    NOT_NULL,
     InputModel,
+    JsonMetadata,
     JsonObject,
     LanguageMap,
     OrgScopedInput,
@@ -23,12 +27,14 @@ _METADATA = AliasChoices("metadata_", "metadata")
 
 class PurposeCreate(OrgScopedInput):
     description: LanguageMap
-    metadata: JsonObject = Field(default_factory=dict)
+    metadata: JsonMetadata = Field(default_factory=dict)
 
 
 class PurposeUpdate(InputModel):
-    description: LanguageMap | None = None
-    metadata: JsonObject | None = None
+    """Omitted fields are left as they are; none may be null."""
+
+    description: Annotated[LanguageMap | None, NOT_NULL] = None
+    metadata: Annotated[JsonMetadata | None, NOT_NULL] = None
 
 
 class PurposePublic(OutputModel):
@@ -43,8 +49,9 @@ class PurposePublic(OutputModel):
 class PreferenceValueIn(InputModel):
     id: SafeId | None = None  # keep an existing value (on update); omitted = a new value
     name: LanguageMap
-    metadata: JsonObject = Field(default_factory=dict)
-    order: int | None = None
+    metadata: JsonMetadata = Field(default_factory=dict)
+    # Omitted or null: the value's position in the list.
+    order: int | None = Field(default=None, ge=INT32_MIN, le=INT32_MAX)
 
 
 class PreferenceValuePublic(OutputModel):
@@ -61,16 +68,20 @@ class PreferenceCreate(OrgScopedInput):
     name: LanguageMap
     description: LanguageMap = Field(default_factory=dict)
     type: PreferenceType = "single"
-    metadata: JsonObject = Field(default_factory=dict)
+    metadata: JsonMetadata = Field(default_factory=dict)
     values: list[PreferenceValueIn] = Field(default_factory=list, max_length=500)
 
 
 class PreferenceUpdate(InputModel):
-    name: LanguageMap | None = None
-    description: LanguageMap | None = None
-    type: PreferenceType | None = None
-    metadata: JsonObject | None = None
-    values: list[PreferenceValueIn] | None = Field(default=None, max_length=500)
+    """Omitted fields are left as they are; none may be null."""
+
+    name: Annotated[LanguageMap | None, NOT_NULL] = None
+    description: Annotated[LanguageMap | None, NOT_NULL] = None
+    type: Annotated[PreferenceType | None, NOT_NULL] = None
+    metadata: Annotated[JsonMetadata | None, NOT_NULL] = None
+    values: Annotated[list[PreferenceValueIn] | None, NOT_NULL] = Field(
+        default=None, max_length=500
+    )
 
 
 class PreferencePublic(OutputModel):

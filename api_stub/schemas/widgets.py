@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field
 
 from api_stub.schemas.common import (
+    NOT_NULL,
     InputModel,
+    JsonComponents,
     JsonObject,
+    LanguageCode,
     OrgScopedInput,
     OutputModel,
     SafeId,
@@ -17,7 +20,7 @@ from api_stub.schemas.common import (
 
 WidgetFormat = Literal["embeddable", "hosted"]
 TemplateId = Literal["sections", "sections_and_save", "full_preference_center", "dsar_form"]
-Language = str
+Language = LanguageCode
 
 
 class WidgetCreate(OrgScopedInput):
@@ -28,28 +31,37 @@ class WidgetCreate(OrgScopedInput):
     layout_shape: str | None = Field(default=None, max_length=64)
     theme_id: str | None = Field(default=None, max_length=64)
     enabled_languages: list[Language] = Field(default_factory=lambda: ["en"], max_length=200)
-    default_language: Language = Field(default="en", max_length=16)
+    default_language: Language = "en"
     domain: str | None = Field(default=None, max_length=255)
     last_domain_used: str | None = Field(default=None, max_length=255)
     selected_purposes_ids: list[SafeId] = Field(default_factory=list, max_length=1000)
     selected_preferences_ids: list[SafeId] = Field(default_factory=list, max_length=1000)
-    components: JsonObject = Field(default_factory=dict)
+    components: JsonComponents = Field(default_factory=dict)
 
 
 class WidgetUpdate(InputModel):
-    name: str | None = Field(default=None, min_length=1, max_length=255)
-    format: WidgetFormat | None = None
-    template_id: TemplateId | None = None
-    headless: bool | None = None
+    """Omitted fields are left as they are; ``null`` is allowed only where the widget can hold
+    it (``layout_shape``, ``theme_id``, ``domain``, ``last_domain_used``)."""
+
+    name: Annotated[str | None, NOT_NULL] = Field(default=None, min_length=1, max_length=255)
+    format: Annotated[WidgetFormat | None, NOT_NULL] = None
+    template_id: Annotated[TemplateId | None, NOT_NULL] = None
+    headless: Annotated[bool | None, NOT_NULL] = None
     layout_shape: str | None = Field(default=None, max_length=64)
     theme_id: str | None = Field(default=None, max_length=64)
-    enabled_languages: list[Language] | None = Field(default=None, max_length=200)
-    default_language: Language | None = Field(default=None, max_length=16)
+    enabled_languages: Annotated[list[Language] | None, NOT_NULL] = Field(
+        default=None, max_length=200
+    )
+    default_language: Annotated[Language | None, NOT_NULL] = None
     domain: str | None = Field(default=None, max_length=255)
     last_domain_used: str | None = Field(default=None, max_length=255)
-    selected_purposes_ids: list[SafeId] | None = Field(default=None, max_length=1000)
-    selected_preferences_ids: list[SafeId] | None = Field(default=None, max_length=1000)
-    components: JsonObject | None = None
+    selected_purposes_ids: Annotated[list[SafeId] | None, NOT_NULL] = Field(
+        default=None, max_length=1000
+    )
+    selected_preferences_ids: Annotated[list[SafeId] | None, NOT_NULL] = Field(
+        default=None, max_length=1000
+    )
+    components: Annotated[JsonComponents | None, NOT_NULL] = None
 
 
 class WidgetPublic(OutputModel):
@@ -90,6 +102,14 @@ class OrganizationPublic(OutputModel):
 class ApiKeyPublic(OutputModel):
     key: str
     secret: str
+    organization_id: str
+    created_at: Timestamp
+
+
+class ApiKeyRevoked(OutputModel):
+    """A revoked key (its secret was never stored); its tokens no longer work."""
+
+    key: str
     organization_id: str
     created_at: Timestamp
 

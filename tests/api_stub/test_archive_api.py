@@ -33,15 +33,16 @@ ARCHIVED_FIELDS = {
 JOB_FIELDS = {"id", "widget_id", "status", "result", "error", "created_at", "updated_at"}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 MAX_ASSET = 2 * 1024 * 1024
-ALLOWED_TYPES = [
-    "image/png",
-    "image/jpeg",
-    "image/gif",
-    "image/webp",
-    "image/svg+xml",
-    "image/x-icon",
-]
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64
+# The start of a file of each allowed type: the type is decided by the bytes (puremagic).
+SAMPLES = {
+    "image/png": PNG,
+    "image/jpeg": b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + b"\x00" * 64,
+    "image/gif": b"GIF89a" + b"\x00" * 64,
+    "image/webp": b"RIFF\x24\x00\x00\x00WEBPVP8 " + b"\x00" * 64,
+    "image/x-icon": b"\x00\x00\x01\x00\x01\x00\x10\x10" + b"\x00" * 64,
+}
+ALLOWED_TYPES = list(SAMPLES)
 
 
 def wait_job(org: OrgClient, location: str, timeout: float = 60) -> dict[str, Any]:
@@ -217,10 +218,11 @@ def test_delete_twice_returns_the_same_job(database, org):
 @pytest.mark.parametrize("ctype", ALLOWED_TYPES)
 def test_upload_each_allowed_type_is_stored_under_assets(database, org, s3, ctype):
     w = org.widget()
-    data = PNG + ctype.encode()
+    data = SAMPLES[ctype] + ctype.encode()
     r = upload(org, w["id"], data, ctype, name="../../evil name.png")
     assert r.status_code == 201, r.text
     asset = r.json()
+    assert asset["filename"] == "evil name.png"
     assert asset["widget_id"] == w["id"] and asset["content_type"] == ctype
     assert asset["size"] == len(data)
     # The client's file name never reaches the key.
@@ -231,7 +233,7 @@ def test_upload_each_allowed_type_is_stored_under_assets(database, org, s3, ctyp
 
 @pytest.mark.parametrize(
     "ctype",
-    ["text/html", "application/pdf", "application/octet-stream", "image/tiff", "image/svg"],
+    ["text/html", "application/pdf", "image/tiff", "image/svg", "image/svg+xml", "image/gif"],
 )
 def test_upload_of_other_content_types_is_400_and_stores_nothing(database, org, s3, ctype):
     w = org.widget()
@@ -245,7 +247,7 @@ def test_upload_size_limit_is_2_mib(database, org, s3):
     too_big = upload(org, w["id"], b"\x00" * (MAX_ASSET + 1), "image/png")
     assert_error(too_big, 413)
     assert s3_keys(s3, f"assets/{org.api_key}/") == [] and asset_rows(org.id) == []
-    exact = upload(org, w["id"], b"\x01" * MAX_ASSET, "image/png")
+    exact = upload(org, w["id"], PNG + b"\x01" * (MAX_ASSET - len(PNG)), "image/png")
     assert exact.status_code == 201, exact.text
     assert s3_keys(s3, f"assets/{org.api_key}/") == [exact.json()["s3_key"]]
 
@@ -254,7 +256,7 @@ def test_asset_list_and_delete(database, make_org, s3):
     org, other = make_org(), make_org()
     w = org.widget()
     a = upload(org, w["id"], PNG, "image/png").json()
-    b = upload(org, w["id"], PNG + b"b", "image/webp", name="b.webp").json()
+    b = upload(org, w["id"], SAMPLES["image/webp"] + b"b", "image/webp", name="b.webp").json()
     listed = org.req("GET", f"/widgets/{w['id']}/assets")
     assert listed.status_code == 200 and listed.json() == [a, b]
 

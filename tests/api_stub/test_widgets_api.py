@@ -50,6 +50,8 @@ def test_purpose_create_list_get_patch_delete(database, org):
     r = org.req("PATCH", f"/metadata/purposes/{p['id']}", json={"metadata": {"k": [1, 2]}})
     assert r.status_code == 200, r.text
     patched = r.json()
+    # An edit also says how many published widgets it reaches (none here).
+    assert (patched.pop("affected_widgets"), patched.pop("redeploy_bulk_id")) == (0, None)
     assert patched["metadata"] == {"k": [1, 2]} and patched["description"] == p["description"]
     assert patched["updated_at"] > p["updated_at"] and patched["created_at"] == p["created_at"]
     assert org.req("GET", f"/metadata/purposes/{p['id']}").json() == patched
@@ -96,6 +98,7 @@ def test_preference_with_values_create_list_get_patch_delete(database, org):
     )
     assert r.status_code == 200, r.text
     patched = r.json()
+    assert (patched.pop("affected_widgets"), patched.pop("redeploy_bulk_id")) == (0, None)
     assert patched["type"] == "single" and patched["name"] == pref["name"]
     assert [(v["name"]["en"], v["metadata"]["code"]) for v in patched["values"]] == [
         ("Weather", "W"),

@@ -50,9 +50,7 @@ def archive(org_id: str, widget_id: str) -> str | None:
     return run_archive(org_id, widget_id, job_id, store=get_store).result
 
 
-def test_upload_that_died_after_its_object_was_written_is_removed_by_the_archive(
-    database, org, s3
-):
+def test_upload_that_died_after_its_object_was_written_is_removed_by_the_archive(database, org, s3):
     w = org.widget()
     row = uploading_row(org.id, org.api_key, w["id"])
     s3.put_object(Bucket=BUCKET, Key=row.s3_key, Body=PNG, ContentType="image/png")  # step 2
@@ -81,9 +79,7 @@ def test_object_without_a_row_under_the_widget_prefix_is_swept_by_the_archive(da
 
 def test_upload_completes_with_a_stored_row_and_its_object(database, org, s3):
     w = org.widget()
-    r = org.req(
-        "POST", f"/widgets/{w['id']}/assets", files={"file": ("a.png", PNG, "image/png")}
-    )
+    r = org.req("POST", f"/widgets/{w['id']}/assets", files={"file": ("a.png", PNG, "image/png")})
     assert r.status_code == 201, r.text
     with unit_of_work() as s:
         row = s.get(WidgetAsset, r.json()["id"])

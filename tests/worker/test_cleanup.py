@@ -225,7 +225,7 @@ def test_cleanup_task_archives_stale_drafts_on_a_worker(sqlite_database, org, ce
     up = org.req(
         "POST",
         f"/widgets/{stale['id']}/assets",
-        files={"file": ("a.png", b"\x89PNG..", "image/png")},
+        files={"file": ("a.png", b"\x89PNG\r\n\x1a\n..", "image/png")},
     )
     assert up.status_code == 201, up.text
     recent = org.widget()

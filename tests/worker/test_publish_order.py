@@ -50,7 +50,9 @@ def live_file(s3: Any, key: str) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def puts(proxy: Any, key: str) -> int:
-    return sum(1 for m, p, s in list(proxy.requests) if m == "PUT" and p.split("?")[0].endswith(key))
+    return sum(
+        1 for m, p, s in list(proxy.requests) if m == "PUT" and p.split("?")[0].endswith(key)
+    )
 
 
 def test_older_snapshot_retried_after_a_catalog_edit_never_replaces_the_newer(

@@ -21,7 +21,10 @@ _IDENTITY_KEYS = ("deployment_id", "version")
 
 
 def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    # allow_nan=False: NaN/Infinity are not JSON; a published file must parse on every website.
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode()
 
 
 def sha256_hex(data: bytes) -> str:

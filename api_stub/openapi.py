@@ -1,0 +1,157 @@
+"""The OpenAPI document says what the API answers, and ``/docs`` works offline.
+
+FastAPI's generated document is completed once, globally (no route decorator needs to know):
+
+- every error status an operation can answer, with the ``Error`` schema (the Didomi shape):
+  400 (any parameter or body), 401/403 (bearer-secured operations), 404 (an organization route
+  or a path with IDs), 408/413 (a request body: api_stub.edge), 409 (listed below or declared
+  by the route), 500 (anything unexpected); FastAPI's 422, which the API never answers, is gone;
+- ``Location`` on every 202;
+- ID path parameters with their pattern; no ``authorization`` header parameter (the security
+  schemes say it).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import fastapi_offline
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse
+from fastapi.staticfiles import StaticFiles
+
+from api_stub.errors import ERROR_NAMES, ErrorBody
+from api_stub.schemas.common import SAFE_ID_PATTERN
+from worker.ids import MAX_ID_LENGTH
+
+# Swagger UI 5 (OpenAPI 3.1) from a pinned package (fastapi-offline), served by the app.
+DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
+DOCS_ASSETS_PATH = "/docs/assets"
+
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+# Operations answering 409 whose route does not declare it: (method, path).
+CONFLICTS = frozenset({("post", "/widgets/deployments")})
+# Operations answering 503 when the object store is unavailable.
+STORAGE = frozenset(
+    {("post", "/widgets/{widget_id}/assets"), ("delete", "/widgets/{widget_id}/assets/{asset_id}")}
+)
+_DESCRIPTIONS = {
+    400: "Invalid request: the offending fields are named in `errors`",
+    401: "Missing, invalid or expired bearer token (or a revoked API key)",
+    403: "The token is not valid for this organization or route",
+    404: "Not found (another organization's objects are never visible)",
+    408: "The request body did not arrive in time",
+    409: "Conflict with the current state",
+    413: "Request body too large",
+    500: "Unexpected error",
+    503: "A backing service (database, broker, storage) is unavailable",
+}
+_METHODS = ("get", "put", "post", "delete", "patch", "options", "head", "trace")
+
+
+def _error_response(code: int) -> dict[str, Any]:
+    return {
+        "description": _DESCRIPTIONS.get(code, ERROR_NAMES.get(code, ("Error", ""))[0]),
+        "content": {"application/json": {"schema": ERROR_REF}},
+    }
+
+
+def _statuses(method: str, path: str, op: dict[str, Any]) -> set[int]:
+    schemes = {name for req in op.get("security", []) for name in req}
+    params = op.get("parameters", [])
+    has_body = "requestBody" in op
+    codes = {500}
+    if params or has_body:
+        codes.add(400)
+    if schemes:
+        codes |= {401, 403}
+    if "OrganizationToken" in schemes or any(p.get("in") == "path" for p in params):
+        codes.add(404)
+    if has_body:
+        codes |= {408, 413}
+    if (method, path) in CONFLICTS:
+        codes.add(409)
+    if (method, path) in STORAGE:
+        codes.add(503)
+    if path == "/sessions":
+        codes.add(401)
+    return codes
+
+
+def _complete_operation(method: str, path: str, op: dict[str, Any]) -> None:
+    responses: dict[str, Any] = op.setdefault("responses", {})
+    responses.pop("422", None)
+    for code in _statuses(method, path, op):
+        responses.setdefault(str(code), _error_response(code))
+    for status, response in responses.items():
+        if status.isdigit() and int(status) >= 400 and "content" not in response:
+            response["content"] = {"application/json": {"schema": ERROR_REF}}
+    if "202" in responses:
+        responses["202"].setdefault("headers", {})["Location"] = {
+            "description": "Where to follow the accepted job",
+            "schema": {"type": "string"},
+        }
+    kept = []
+    for param in op.get("parameters", []):
+        if param.get("in") == "header" and param.get("name", "").lower() == "authorization":
+            continue
+        if param.get("in") == "path" and (param["name"].endswith("_id") or param["name"] == "key"):
+            param["schema"] = {
+                **param.get("schema", {}),
+                "type": "string",
+                "pattern": SAFE_ID_PATTERN,
+                "maxLength": MAX_ID_LENGTH,
+            }
+        kept.append(param)
+    if "parameters" in op:
+        op["parameters"] = kept
+
+
+def complete_openapi(schema: dict[str, Any]) -> dict[str, Any]:
+    schema = copy.deepcopy(schema)
+    schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+    schemas["Error"] = ErrorBody.model_json_schema()
+    for path, item in schema.get("paths", {}).items():
+        for method in _METHODS:
+            if method in item:
+                _complete_operation(method, path, item[method])
+    if path_item := schema.get("paths", {}).get("/health", {}).get("get"):
+        ok = path_item["responses"].get("200")
+        if ok is not None:  # /health answers 503 with its own body
+            path_item["responses"]["503"] = {**copy.deepcopy(ok), "description": _DESCRIPTIONS[503]}
+    return schema
+
+
+def install_openapi(app: FastAPI) -> None:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            generated = get_openapi(
+                title=app.title,
+                version=app.version,
+                summary=app.summary,
+                description=app.description,
+                routes=app.routes,
+                tags=app.openapi_tags,
+                servers=app.servers,
+            )
+            app.openapi_schema = complete_openapi(generated)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.mount(DOCS_ASSETS_PATH, StaticFiles(directory=DOCS_ASSETS_DIR), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - docs",
+            swagger_js_url=f"{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS_PATH}/favicon.png",
+        )
