@@ -330,7 +330,11 @@ class S3Store:
         """
         key = f"_probe/conditional-writes/{uuid.uuid4().hex}"
         try:
-            self.put_json(key, b"{}", metadata={}, if_none_match=True)
+            try:
+                self.put_json(key, b"{}", metadata={}, if_none_match=True)
+            except PreconditionFailed:
+                # The first write landed but its answer was lost; botocore's retry was refused.
+                return True
             try:
                 self.put_json(key, b"{}", metadata={}, if_none_match=True)
             except PreconditionFailed:

@@ -64,19 +64,22 @@ def rollback_source_problem(source: Deployment | None, dep: Deployment) -> str |
     return None
 
 
-def _next_sequence(session: Session, widget_id: str) -> int:
-    """Take the widget's next publish sequence (the row is locked only until this commit)."""
+def _next_sequence(session: Session, organization_id: str, widget_id: str) -> int | None:
+    """Take the widget's next publish sequence, or None if it has no row. The UPDATE locks the
+    widget row until this transaction commits, so the snapshot read *after* it is at least as new
+    as that of any smaller sequence: sequence order is snapshot order (a PATCH or a catalog edit
+    of the widget waits for the lock, or committed before it)."""
     seq = (
         session.connection()
         .execute(
             update(Widget)
-            .where(col(Widget.id) == widget_id)
+            .where(col(Widget.id) == widget_id, col(Widget.organization_id) == organization_id)
             .values(publish_seq=col(Widget.publish_seq) + 1)
             .returning(col(Widget.publish_seq))
         )
-        .scalar_one()
+        .scalar_one_or_none()
     )
-    return int(seq)
+    return None if seq is None else int(seq)
 
 
 @dataclass(frozen=True)
@@ -116,10 +119,14 @@ def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployO
                 return outcome(dep)
             return _Frozen(dep, give_up=gave_up)  # its bytes may be live: check S3 first
         job_state.count_attempt(dep)
+        # First delivery: the sequence first (it locks the widget row), then the snapshot.
+        sequence = (
+            _next_sequence(session, organization_id, widget_id) if dep.config is None else None
+        )
         widget = live_state.load_widget(session, organization_id, widget_id)
         gone = live_state.gone_reason(session, organization_id, widget_id, widget)
         if dep.config is None:
-            if gone is not None or widget is None:
+            if gone is not None or widget is None or sequence is None:
                 job_state.finish(dep, "failure", gone)
                 return outcome(dep)
             if dep.source_deployment_id is None:
@@ -135,13 +142,11 @@ def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployO
                 dep.widget_version = source.widget_version
             dep.content_checksum = content_checksum(dep.config)
             dep.s3_key = container_key(org.api_key, widget.id)
-            dep.sequence = _next_sequence(session, widget.id)
+            dep.sequence = sequence
         job_state.mark_running(dep)
         session.flush()
         assert dep.sequence is not None
-        state = live_state.read_state(
-            session, organization_id, widget_id, dep.sequence, loaded=(widget, gone)
-        )
+        state = live_state.read_state(session, dep, loaded=(widget, gone))
         return _Frozen(dep, state)
 
 

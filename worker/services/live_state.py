@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy import update
-from sqlmodel import Session, col, select
+from sqlmodel import Session, col, or_, select
 
 from worker.db import is_postgres
 from worker.models import ArchiveJob, Deployment, Widget
@@ -87,12 +87,13 @@ def load_widget(session: Session, organization_id: str, widget_id: str) -> Widge
 
 def read_state(
     session: Session,
-    organization_id: str,
-    widget_id: str,
-    sequence: int,
+    dep: Deployment,
     loaded: tuple[Widget | None, str | None] | None = None,
 ) -> WidgetState:
-    """``loaded``: the widget and its gone reason, when this transaction already read them."""
+    """The widget's live state as frozen deployment ``dep`` must decide from. ``loaded``: the
+    widget and its gone reason, when this transaction already read them."""
+    assert dep.sequence is not None
+    organization_id, widget_id = dep.organization_id, dep.widget_id
     if loaded is None:
         widget = load_widget(session, organization_id, widget_id)
         gone = gone_reason(session, organization_id, widget_id, widget)
@@ -107,14 +108,22 @@ def read_state(
                 Deployment.deployment_id == widget.live_deployment_id
             )
         ).first()
+    # Newer than ``dep``: frozen with a higher sequence and not failed, or requested after it and
+    # still waiting to be frozen (it will take a higher sequence). Publishing ``dep`` first would
+    # only be overwritten: bursts coalesce into the newest request.
     newer = session.exec(
         select(Deployment.deployment_id)
         .where(
             Deployment.widget_id == widget_id,
-            col(Deployment.sequence) > sequence,
-            Deployment.status != "failure",
+            Deployment.deployment_id != dep.deployment_id,
+            or_(
+                (col(Deployment.sequence) > dep.sequence) & (col(Deployment.status) != "failure"),
+                col(Deployment.sequence).is_(None)
+                & (col(Deployment.status) == "ready")
+                & (col(Deployment.created_at) >= dep.created_at),
+            ),
         )
-        .order_by(col(Deployment.sequence).desc())
+        .order_by(col(Deployment.created_at).desc())
         .limit(1)
     ).first()
     live = Live(widget.live_seq, widget.live_etag, content, widget.live_deployment_id)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 from sqlmodel import Session
 
-from worker.db import unit_of_work
+from worker.db import read_only_engine, unit_of_work
 from worker.models import Deployment
 from worker.s3 import PreconditionFailed, S3Error, S3Store, StoredObject, TransientS3Error
 from worker.services import job_state, live_state
@@ -71,9 +71,9 @@ def _observe(store: Store, key: str) -> Live:
 
 
 def _read_state(dep: Deployment) -> WidgetState:
-    assert dep.sequence is not None
-    with unit_of_work() as session:
-        return live_state.read_state(session, dep.organization_id, dep.widget_id, dep.sequence)
+    # A read-only session: on SQLite it reads a WAL snapshot instead of taking the write lock.
+    with Session(read_only_engine()) as session:
+        return live_state.read_state(session, dep)
 
 
 def _commit(
