@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response, status
 from sqlmodel import select
 
+from api_stub.actor import ActorDep
 from api_stub.deps import OrgDep, SessionDep, get_owned, require_safe_path_id
 from api_stub.errors import not_found
 from api_stub.query import ListQuery, apply_list_query, list_query
@@ -54,7 +55,12 @@ def get_archive_job(job_id: str, org: OrgDep, session: SessionDep) -> ArchiveJob
 
 @router.delete("/{widget_id}", status_code=status.HTTP_202_ACCEPTED)
 def archive_widget(
-    widget_id: str, org: OrgDep, session: SessionDep, request: Request, response: Response
+    widget_id: str,
+    org: OrgDep,
+    actor: ActorDep,
+    session: SessionDep,
+    request: Request,
+    response: Response,
 ) -> ArchiveJobPublic:
     """Hide the widget now and archive it in the background; repeating it is harmless."""
     require_safe_path_id(widget_id, "widget_id")
@@ -67,7 +73,7 @@ def archive_widget(
         session.rollback()
         return _accepted(request, response, job)
     assert widget is not None
-    job = mark_archived(session, widget)
+    job = mark_archived(session, widget, created_by=actor)
     session.commit()
     producer.send_archive(org.id, widget_id, job.id)
     return _accepted(request, response, job)

@@ -15,6 +15,9 @@ class ArchiveJobPublic(OutputModel):
     result: Literal["deleted", "archived"] | None
     error: str | None
     attempts: int
+    # Who asked: the API key's id, or "producer" for a message sent without the API.
+    created_by: str
+    reason: str | None
     created_at: Timestamp
     updated_at: Timestamp
 
