@@ -102,10 +102,11 @@ def parse(argv: list[str] | None = None) -> Options:
         o.n, o.api_requests, o.listing_sizes, o.cleanup_drafts = 10, 32, (100, 2_000), 50
         o.soak, o.soak_pool, o.burst, o.floor_pings = (50, 200), 50, 10, 10
         o.soak_restart = False
+        o.latency_deploys = 6
     for name in ("n", "api_requests", "listing_sizes", "cleanup_drafts", "soak", "burst"):
         if getattr(a, name) is not None:
             setattr(o, name, getattr(a, name))
     if a.soak_pool is not None:
         o.soak_pool = a.soak_pool
-    o.latency_deploys = a.latency_deploys or o.n
+    o.latency_deploys = a.latency_deploys or o.latency_deploys or o.n
     return o
