@@ -48,7 +48,34 @@ def _configure_sqlite(engine: Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def build_engine(url: str) -> Engine:
+# PostgreSQL: no call waits forever on a database that hangs or vanishes. Connecting gives up
+# after POSTGRES_CONNECT_TIMEOUT s, TCP keepalives notice a peer that disappeared, and (for the
+# application's own sessions, not migrations) a statement, a lock wait or a transaction left idle
+# is cut short by the server. A connection that died while pooled is replaced at checkout
+# (pool_pre_ping); a thread waits at most POOL_TIMEOUT s for a pooled connection.
+POSTGRES_CONNECT_TIMEOUT = 5
+POSTGRES_RUNTIME_OPTIONS = (
+    "-c statement_timeout=60000 -c lock_timeout=10000 -c idle_in_transaction_session_timeout=120000"
+)
+POOL_TIMEOUT = 10
+
+
+def _postgres_connect_args(runtime: bool) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "connect_timeout": POSTGRES_CONNECT_TIMEOUT,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+    }
+    if runtime:
+        args["options"] = POSTGRES_RUNTIME_OPTIONS
+    return args
+
+
+def build_engine(url: str, *, runtime: bool = False) -> Engine:
+    """An engine for ``url``; ``runtime`` adds the statement and lock timeouts the API and
+    workers run with (a migration may legitimately run long)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -56,7 +83,14 @@ def build_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=5,
+        max_overflow=5,
+        pool_timeout=POOL_TIMEOUT,
+        connect_args=_postgres_connect_args(runtime),
+    )
 
 
 def get_engine() -> Engine:
@@ -67,7 +101,7 @@ def get_engine() -> Engine:
             if _engine is not None:
                 # Inherited across fork: drop the parent's pooled sockets without closing them.
                 _engine.dispose(close=False)
-            _engine = build_engine(get_settings().sqlalchemy_url)
+            _engine = build_engine(get_settings().sqlalchemy_url, runtime=True)
             _engine_pid = os.getpid()
         return _engine
 

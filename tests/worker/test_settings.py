@@ -66,3 +66,56 @@ def test_cli_reports_bad_configuration_in_one_line():
     assert result.returncode == 2
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert len(lines) == 1 and "DRAFT_RETENTION_DAYS" in lines[0], lines
+
+
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        ["celery", "-A", "worker", "worker"],
+        ["celery", "-A", "worker", "beat"],
+        ["alembic", "upgrade", "head"],
+        ["python", "-m", "worker.cli", "reconcile"],
+    ],
+)
+def test_production_refuses_to_start_without_a_database_url(cmd, tmp_path):
+    """Production on the SQLite default would give each container a database of its own."""
+    secrets = {"SECRET_KEY": "s" * 40, "ADMIN_TOKEN": "t" * 40}
+    result = subprocess.run(
+        [str(BIN_DIR / cmd[0]), *cmd[1:]],
+        cwd=PROJECT_ROOT,
+        env={
+            **{k: v for k, v in os.environ.items() if k not in SECRETS and k != "DATABASE_URL"},
+            "APP_ENV": "production",
+            **secrets,
+        },
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode != 0
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert lines == [
+        "error: invalid configuration: DATABASE_URL must be set when APP_ENV=production"
+    ], lines
+
+
+def test_the_api_refuses_to_start_without_a_database_url():
+    result = run(
+        [str(BIN_DIR / "uvicorn"), "api_stub.app:app", "--port", "0", "--log-level", "warning"],
+        APP_ENV="production",
+        SECRET_KEY="s" * 40,
+        ADMIN_TOKEN="t" * 40,
+    )
+    assert result.returncode == 2
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert lines == [
+        "error: invalid configuration: DATABASE_URL must be set when APP_ENV=production"
+    ], lines
+
+
+def test_development_keeps_its_sqlite_default(monkeypatch):
+    from worker.settings import Settings
+
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    settings = Settings(app_env="development")
+    assert settings.database_url == "sqlite:///var/widgets.db"

@@ -44,7 +44,7 @@ RUNNING_STALE_AFTER = c.TASK_TIME_LIMIT + 30
 MAX_REQUEUES = 5
 BATCH = 500  # jobs re-sent per run, per kind
 PAGE = 1000
-MAX_CHECKED = 200_000  # stale-looking rows compared with the broker per run, per kind
+MAX_CHECKED = 100_000  # stale-looking rows compared with the broker per run, per kind
 
 J = TypeVar("J", Deployment, ArchiveJob)
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from worker import constants as c
 from worker import producer
 from worker.celery import app
+from worker.models import utcnow
 from worker.services import cleanup, reconcile
 from worker.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 
 @app.task(name=c.CLEANUP_TASK, acks_late=True)
@@ -22,13 +26,27 @@ def cleanup_drafts() -> dict[str, Any]:
     return {"archived": len(report.archived), "widget_ids": report.candidates}
 
 
-@app.task(name=c.RECONCILE_TASK, acks_late=True)
-def reconcile_jobs() -> dict[str, Any]:
-    report = reconcile.reconcile(queue_sizes=producer.queue_sizes())
+def reconcile_and_resend() -> reconcile.ReconcileReport:
+    """Read which jobs have a message in the broker, then (after) the stale rows; re-send the
+    ready ones without a message and the stuck running ones, after their rows are committed."""
+    started = utcnow()
+    in_broker = producer.jobs_in_broker()
+    if not in_broker.complete:
+        log.warning(
+            "broker backlog over %d messages: ready jobs are not checked for lost messages",
+            producer.MAX_SCAN,
+        )
+    report = reconcile.reconcile(now=started, in_broker=in_broker)
     for org_id, widget_id, dep_id in report.deployments:
         producer.send_deploy(org_id, widget_id, dep_id)
     for org_id, widget_id, job_id in report.archives:
         producer.send_archive(org_id, widget_id, job_id)
+    return report
+
+
+@app.task(name=c.RECONCILE_TASK, acks_late=True)
+def reconcile_jobs() -> dict[str, Any]:
+    report = reconcile_and_resend()
     return {
         "deployments": len(report.deployments),
         "archives": len(report.archives),
