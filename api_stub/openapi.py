@@ -7,6 +7,10 @@ FastAPI's generated document is completed once, globally (no route decorator nee
   or a path with IDs), 408/413 (a request body: api_stub.edge), 409 (listed below or declared
   by the route), 500 (anything unexpected); FastAPI's 422, which the API never answers, is gone;
 - ``Location`` on every 202;
+- file parts of multipart bodies marked ``format: binary`` (OpenAPI 3.0 style, next to 3.1's
+  ``contentMediaType``), so generated clients send bytes, not text;
+- ``/health``'s body as the named ``Health`` schema, shared by its 200 and 503 (two inline
+  copies of one titled schema make client generators emit duplicate models);
 - ID path parameters with their pattern; no ``authorization`` header parameter (the security
   schemes say it).
 """
@@ -26,6 +30,7 @@ from fastapi.staticfiles import StaticFiles
 
 from api_stub.errors import ERROR_NAMES, ErrorBody
 from api_stub.schemas.common import SAFE_ID_PATTERN
+from api_stub.schemas.health import Health
 from worker.ids import MAX_ID_LENGTH
 
 # Swagger UI 5 (OpenAPI 3.1) from a pinned package (fastapi-offline), served by the app.
@@ -33,6 +38,7 @@ DOCS_ASSETS_DIR = Path(fastapi_offline.__file__).resolve().parent / "static"
 DOCS_ASSETS_PATH = "/docs/assets"
 
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
+HEALTH_REF = {"$ref": "#/components/schemas/Health"}
 # Operations answering 409 whose route does not declare it: (method, path).
 CONFLICTS = frozenset({("post", "/widgets/deployments")})
 # Operations answering 503 when the object store is unavailable.
@@ -111,6 +117,20 @@ def _complete_operation(method: str, path: str, op: dict[str, Any]) -> None:
         op["parameters"] = kept
 
 
+def _mark_binary_parts(op: dict[str, Any], schemas: dict[str, Any]) -> None:
+    """String properties of a multipart body that carry a file (``contentMediaType``) also get
+    ``format: binary``: generators (openapi-python-client) otherwise upload ``str(file)``."""
+    content = op.get("requestBody", {}).get("content", {})
+    body = content.get("multipart/form-data", {}).get("schema", {})
+    ref = body.get("$ref", "")
+    if ref.startswith("#/components/schemas/"):
+        body = schemas.get(ref.rsplit("/", 1)[1], {})
+    for prop in body.get("properties", {}).values():
+        for part in (prop, prop.get("items", {})):
+            if part.get("type") == "string" and "contentMediaType" in part:
+                part.setdefault("format", "binary")
+
+
 def complete_openapi(schema: dict[str, Any]) -> dict[str, Any]:
     schema = copy.deepcopy(schema)
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
@@ -121,9 +141,12 @@ def complete_openapi(schema: dict[str, Any]) -> dict[str, Any]:
         for method in _METHODS:
             if method in item:
                 _complete_operation(method, path, item[method])
+                _mark_binary_parts(item[method], schemas)
     if path_item := schema.get("paths", {}).get("/health", {}).get("get"):
         ok = path_item["responses"].get("200")
-        if ok is not None:  # /health answers 503 with its own body
+        if ok is not None:  # /health answers 503 with the same body
+            schemas["Health"] = Health.model_json_schema()
+            ok["content"] = {"application/json": {"schema": HEALTH_REF}}
             path_item["responses"]["503"] = {**copy.deepcopy(ok), "description": _DESCRIPTIONS[503]}
     return schema
 
