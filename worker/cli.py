@@ -46,12 +46,12 @@ def main(argv: list[str] | None = None) -> int:
                 )
             print(f"{len(rows)} draft widget(s) not edited for {days} days would be archived")
             return 0
-        from worker.producer import send_archive
         from worker.services.cleanup import archive_stale_drafts
+        from worker.tasks.maintenance import send_archives
 
-        report = archive_stale_drafts(days, settings.cleanup_batch_size)
-        for org_id, widget_id, job_id in report.archived:
-            send_archive(org_id, widget_id, job_id)
+        report = archive_stale_drafts(
+            days, settings.cleanup_batch_size, on_batch_committed=send_archives
+        )
         print(f"{len(report.archived)} draft widget(s) archived")
         return 0
 

@@ -22,11 +22,13 @@ _RESULTS: list[dict[str, Any]] = []
 REPORT = PROJECT_ROOT / "var" / "reliability-last-run.json"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _celery_app_on_the_session_broker(services: dict[str, Any]) -> None:
     """The Celery app reads its configuration once per process, on first use. These tests point
     the process at brokers of their own for a while; the app must have read the session's
-    first, or every later test of the session would use a broker that is gone."""
+    first, or every later test of the session would use a broker that is gone. Session-scoped,
+    so it runs before any module fixture switches ``CELERY_BROKER_URL`` (which Celery's
+    ``conf.broker_url`` reads on every access)."""
     from worker.celery import app
 
     assert app.conf.broker_url == services["broker"]

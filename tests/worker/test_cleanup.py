@@ -185,6 +185,25 @@ def test_archives_every_stale_draft_in_batches(database, fresh_org):
     assert all(w.archived_at is not None for w in widgets_of(org).values())
 
 
+def test_each_batch_is_handed_over_after_its_commit(database, fresh_org):
+    """The cleanup task sends a batch's archive jobs as soon as it is committed, not at the end
+    of the run: at hand-over time the batch's rows are already archived with ``ready`` jobs."""
+    org = fresh_org()
+    ids = {add_widget(org, STALE + timedelta(hours=i)) for i in range(5)}
+    handed: list[list[tuple[str, str, str]]] = []
+
+    def on_batch(jobs: list[tuple[str, str, str]]) -> None:
+        mine = [j for j in jobs if j[0] == org]
+        rows = widgets_of(org)  # a session of its own: sees only committed rows
+        assert all(rows[wid].archived_at is not None for _, wid, _ in mine)
+        handed.append(jobs)
+
+    report = archive_stale_drafts(DAYS, 2, now=NOW, on_batch_committed=on_batch)
+    assert [j for batch in handed for j in batch] == report.archived
+    assert all(len(batch) <= 2 for batch in handed) and len(handed) >= 3
+    assert {j[1] for batch in handed for j in batch if j[0] == org} == ids
+
+
 def test_two_cleanups_at_once_archive_each_widget_once(database, fresh_org):
     orgs = [fresh_org(), fresh_org()]
     ids = {add_widget(orgs[i % 2], STALE + timedelta(minutes=i)) for i in range(24)}

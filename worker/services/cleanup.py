@@ -8,6 +8,7 @@ itself goes through the normal ``widgets.archive`` job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -63,13 +64,26 @@ def find_stale_drafts(retention_days: int, limit: int, now: datetime | None = No
         return _stale_drafts(session, cutoff, limit)
 
 
+ArchiveJobs = list[tuple[str, str, str]]  # (organization_id, widget_id, archive_job_id)
+
+
 def archive_stale_drafts(
-    retention_days: int, batch_size: int, max_batches: int = 50, now: datetime | None = None
+    retention_days: int,
+    batch_size: int,
+    max_batches: int = 50,
+    now: datetime | None = None,
+    on_batch_committed: Callable[[ArchiveJobs], None] | None = None,
 ) -> CleanupReport:
-    """Mark stale drafts archived and return the archive jobs to send (after the commit)."""
+    """Mark stale drafts archived, one transaction per batch, and return the archive jobs.
+
+    ``on_batch_committed`` receives each batch's jobs right after its commit (the task sends
+    them there), so workers start copying the first batch while later ones are selected,
+    instead of after the whole run; a cleanup killed half-way has sent what it committed.
+    """
     report = CleanupReport()
     cutoff = (now or utcnow()) - timedelta(days=retention_days)
     for _ in range(max_batches):
+        committed: ArchiveJobs = []
         with unit_of_work() as session:
             batch = _stale_drafts(session, cutoff, batch_size, lock=True)
             # Re-checked after the locks are held: a deploy accepted while the selection ran
@@ -78,7 +92,10 @@ def archive_stale_drafts(
             for widget in (w for w in batch if w.id not in busy):
                 report.candidates.append(widget.id)
                 job = mark_archived(session, widget)
-                report.archived.append((widget.organization_id, widget.id, job.id))
+                committed.append((widget.organization_id, widget.id, job.id))
+        report.archived.extend(committed)
+        if on_batch_committed is not None and committed:
+            on_batch_committed(committed)
         if len(batch) < batch_size:
             break
     return report

@@ -15,14 +15,19 @@ from worker.settings import get_settings
 log = logging.getLogger(__name__)
 
 
+def send_archives(jobs: cleanup.ArchiveJobs) -> None:
+    for org_id, widget_id, job_id in jobs:
+        producer.send_archive(org_id, widget_id, job_id)
+
+
 @app.task(name=c.CLEANUP_TASK, acks_late=True)
 def cleanup_drafts() -> dict[str, Any]:
     settings = get_settings()
     report = cleanup.archive_stale_drafts(
-        settings.draft_retention_days, settings.cleanup_batch_size
+        settings.draft_retention_days,
+        settings.cleanup_batch_size,
+        on_batch_committed=send_archives,
     )
-    for org_id, widget_id, job_id in report.archived:
-        producer.send_archive(org_id, widget_id, job_id)
     return {"archived": len(report.archived), "widget_ids": report.candidates}
 
 
