@@ -4,6 +4,7 @@ settings that exist, a durable Redis, health-gated start-up order and exactly on
 from __future__ import annotations
 
 import os
+import secrets
 import shlex
 import shutil
 import subprocess
@@ -12,10 +13,11 @@ from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from tests.conftest import PROJECT_ROOT
 from worker.processes import BIN_DIR
-from worker.settings import Settings
+from worker.settings import PLACEHOLDER_MARKER, Settings
 
 COMPOSE_FILE = PROJECT_ROOT / "docker-compose.yml"
 ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
@@ -110,8 +112,18 @@ def test_every_setting_passed_to_the_app_exists():
         extra = service.get("environment", {})
         keys = extra if isinstance(extra, dict) else [e.split("=")[0] for e in extra]
         assert [k for k in keys if k.lower() not in fields] == [], name
-    # The example is a valid production configuration as it stands.
-    settings = Settings(**{k.lower(): env[k] for k in app_keys})
+    # As it stands the example is refused in production: every placeholder must be replaced...
+    example = {k.lower(): env[k] for k in app_keys}
+    with pytest.raises(ValidationError) as refused:
+        Settings(**example)
+    placeholders = [k for k in app_keys if PLACEHOLDER_MARKER in env[k]]
+    assert {"SECRET_KEY", "ADMIN_TOKEN", "FLOWER_BASIC_AUTH"} <= set(placeholders)
+    [error] = refused.value.errors()
+    named, _, _ = str(error["msg"]).removeprefix("Value error, ").partition(" still contain")
+    assert sorted(named.split(", ")) == sorted(placeholders), error["msg"]
+    # ... and with real secrets in their place it is a valid production configuration.
+    real = {k: v.replace(PLACEHOLDER_MARKER, secrets.token_urlsafe(32)) for k, v in example.items()}
+    settings = Settings(**real)
     assert settings.app_env == "production" and not settings.is_development
     assert settings.flower_basic_auth is not None
 

@@ -209,14 +209,15 @@ MAX_SCAN = 100_000
 class BrokerJobs:
     """Jobs that have at least one message in the broker (in a queue or unacknowledged)."""
 
-    deployments: set[str] = field(default_factory=set)  # deployment_id
+    # (organization_id, deployment_id): a deployment_id is unique per organization only.
+    deployments: set[tuple[str, str]] = field(default_factory=set)
     archives: set[str] = field(default_factory=set)  # archive_job_id
     archive_widgets: set[str] = field(default_factory=set)  # widget_id of archive messages
     scanned: int = 0
     complete: bool = True
 
-    def has_deployment(self, deployment_id: str) -> bool:
-        return deployment_id in self.deployments
+    def has_deployment(self, organization_id: str, deployment_id: str) -> bool:
+        return (organization_id, deployment_id) in self.deployments
 
     def has_archive(self, job_id: str, widget_id: str) -> bool:
         # A producer may send an archive without its job id: the worker then finds the job by
@@ -248,8 +249,10 @@ def _note(jobs: BrokerJobs, envelope: Any) -> None:
     if parsed is None:
         return
     task, kwargs = parsed
-    if task == c.DEPLOY_TASK and isinstance(kwargs.get("deployment_id"), str):
-        jobs.deployments.add(kwargs["deployment_id"])
+    if task == c.DEPLOY_TASK:
+        org_id, dep_id = kwargs.get("organization_id"), kwargs.get("deployment_id")
+        if isinstance(org_id, str) and isinstance(dep_id, str):
+            jobs.deployments.add((org_id, dep_id))
     elif task == c.ARCHIVE_TASK:
         if isinstance(kwargs.get("archive_job_id"), str):
             jobs.archives.add(kwargs["archive_job_id"])

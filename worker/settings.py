@@ -17,6 +17,23 @@ DEFAULT_SQLITE_PATH = Path("var") / "widgets.db"
 DEV_SECRET_KEY = "dev-only-secret-key-never-use-in-production"  # noqa: S105 - accepted only when APP_ENV=development
 DEV_ADMIN_TOKEN = "dev-admin-token"  # noqa: S105 - accepted only when APP_ENV=development
 
+# What .env.example puts in every value that must be replaced: with APP_ENV=production, a
+# setting that still contains it (any case) was copied, not chosen, and is refused.
+PLACEHOLDER_MARKER = "change-me"
+# Production secret rules (README, "HTTP API"): long, and varied enough to be random rather than
+# a word or a repeated character. ``secrets.token_urlsafe(32)`` satisfies both.
+SECRET_KEY_MIN_BYTES = 32  # UTF-8 bytes: the HMAC key that signs access tokens
+SECRET_KEY_MIN_DISTINCT = 16
+ADMIN_TOKEN_MIN_CHARS = 24
+ADMIN_TOKEN_MIN_DISTINCT = 12
+
+
+def is_weak_secret(value: str, min_length: int, min_distinct: int, *, in_bytes: bool) -> bool:
+    """Shorter than ``min_length`` (UTF-8 bytes or characters) or fewer than ``min_distinct``
+    distinct characters."""
+    length = len(value.encode()) if in_bytes else len(value)
+    return length < min_length or len(set(value)) < min_distinct
+
 
 class DatabaseSettings(BaseSettings):
     """Just the database: all that ``alembic upgrade head`` needs (no secrets required)."""
@@ -35,15 +52,44 @@ class DatabaseSettings(BaseSettings):
     @model_validator(mode="after")
     def _production_requirements(self) -> DatabaseSettings:
         if self.app_env == "production":
-            missing = self._missing_in_production()
-            if missing:
-                raise ValueError(f"{', '.join(missing)} must be set when APP_ENV=production")
+            problems = self._production_problems()
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
+
+    def _production_problems(self) -> list[str]:
+        """Everything wrong for production, each variable named once, in one message."""
+        problems: list[str] = []
+        missing = self._missing_in_production()
+        if missing:
+            problems.append(f"{', '.join(missing)} must be set when APP_ENV=production")
+        placeholders = self._placeholders()
+        if placeholders:
+            problems.append(
+                f"{', '.join(placeholders)} still contain the .env.example placeholder "
+                f"{PLACEHOLDER_MARKER!r}: set real values when APP_ENV=production"
+            )
+        return problems + self._weak_in_production(skip=set(missing) | set(placeholders))
 
     def _missing_in_production(self) -> list[str]:
         # The SQLite default is a file of each container's own: processes would silently
         # disagree about every row. Production names its shared database explicitly.
         return [] if "database_url" in self.model_fields_set else ["DATABASE_URL"]
+
+    def _placeholders(self) -> list[str]:
+        """Settings (upper case) whose value contains :data:`PLACEHOLDER_MARKER`."""
+        found = []
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            text = value.get_secret_value() if isinstance(value, SecretStr) else value
+            if text is not None and PLACEHOLDER_MARKER in str(text).lower():
+                found.append(name.upper())
+        return found
+
+    def _weak_in_production(self, skip: set[str]) -> list[str]:
+        """Problems of secrets too weak for production (those named in ``skip`` are already
+        reported)."""
+        return []
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -99,6 +145,37 @@ class Settings(DatabaseSettings):
             name.upper() for name in ("secret_key", "admin_token") if getattr(self, name) is None
         ]
         return secrets + super()._missing_in_production()
+
+    def _weak_in_production(self, skip: set[str]) -> list[str]:
+        rules = (
+            (
+                "SECRET_KEY",
+                self.secret_key,
+                SECRET_KEY_MIN_BYTES,
+                SECRET_KEY_MIN_DISTINCT,
+                f"at least {SECRET_KEY_MIN_BYTES} bytes",
+            ),
+            (
+                "ADMIN_TOKEN",
+                self.admin_token,
+                ADMIN_TOKEN_MIN_CHARS,
+                ADMIN_TOKEN_MIN_DISTINCT,
+                f"at least {ADMIN_TOKEN_MIN_CHARS} characters",
+            ),
+        )
+        problems = []
+        for name, secret, min_length, min_distinct, length_rule in rules:
+            if secret is None or name in skip:
+                continue
+            if is_weak_secret(
+                secret.get_secret_value(), min_length, min_distinct, in_bytes=name == "SECRET_KEY"
+            ):
+                problems.append(
+                    f"{name} is too weak for APP_ENV=production: it needs {length_rule} with at "
+                    f"least {min_distinct} distinct characters (e.g. the output of "
+                    "python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                )
+        return problems + super()._weak_in_production(skip)
 
     @property
     def is_development(self) -> bool:

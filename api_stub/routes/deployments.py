@@ -32,14 +32,20 @@ def _accepted(request: Request, response: Response, dep: Deployment) -> Deployme
     return DeploymentPublic.model_validate(dep)
 
 
-def _by_deployment_id(session: Session, deployment_id: str) -> Deployment | None:
-    return session.exec(select(Deployment).where(Deployment.deployment_id == deployment_id)).first()
+def _by_deployment_id(session: Session, org: Organization, deployment_id: str) -> Deployment | None:
+    """This organization's deployment with that key. ``deployment_id`` is unique per
+    organization: another tenant's deployment of the same key is neither found nor revealed."""
+    stmt = select(Deployment).where(
+        Deployment.organization_id == org.id, Deployment.deployment_id == deployment_id
+    )
+    return session.exec(stmt).first()
 
 
 def _repeat(
     request: Request, response: Response, org: Organization, body: DeploymentCreate, dep: Deployment
 ) -> DeploymentPublic:
-    """A repeated request with the same idempotency key: the same deployment, no new job."""
+    """A repeated request with the same idempotency key: the same deployment, no new job.
+    The organization's own key reused for another widget is a conflict (409)."""
     if dep.organization_id != org.id or dep.widget_id != body.widget_id:
         raise ApiError(409, f"deployment_id {body.deployment_id} is already used")
     return _accepted(request, response, dep)
@@ -49,7 +55,7 @@ def _check_rollback_source(session: Session, org: Organization, body: Deployment
     """A rollback's source: this organization's (else 404), this widget's and successful
     (else 400). The worker checks again when it freezes the snapshot."""
     assert body.source_deployment_id is not None
-    source = _by_deployment_id(session, body.source_deployment_id) or session.get(
+    source = _by_deployment_id(session, org, body.source_deployment_id) or session.get(
         Deployment, body.source_deployment_id
     )
     if source is None or source.organization_id != org.id:
@@ -80,7 +86,7 @@ def create_deployment(
     (``ready``), then the job is sent to the workers."""
     check_body_org(body.organization_id, org)
     if body.deployment_id is not None and (
-        existing := _by_deployment_id(session, body.deployment_id)
+        existing := _by_deployment_id(session, org, body.deployment_id)
     ):
         return _repeat(request, response, org, body, existing)
     # No lock: an archive that lands after this check is seen by the worker, which then fails
@@ -105,7 +111,7 @@ def create_deployment(
         # The same deployment_id sent twice at once: the other request created it.
         session.rollback()
         assert body.deployment_id is not None
-        existing = _by_deployment_id(session, body.deployment_id)
+        existing = _by_deployment_id(session, org, body.deployment_id)
         if existing is None:
             raise
         return _repeat(request, response, org, body, existing)
@@ -157,7 +163,7 @@ def diff_deployment(
     if against == "live":
         widget = session.get(Widget, dep.widget_id)
         live_id = widget.live_deployment_id if widget and not widget.is_archived else None
-        other = _by_deployment_id(session, live_id) if live_id else None
+        other = _by_deployment_id(session, org, live_id) if live_id else None
         if other is None:
             raise not_found("live deployment of widget", dep.widget_id)
     else:

@@ -235,16 +235,56 @@ def test_same_deployment_id_twice_gives_one_deployment_and_one_message(database,
     assert [d["id"] for d in listed] == [first.json()["id"]]
 
 
-def test_deployment_id_of_another_organization_is_not_reused(database, make_org):
+def test_deployment_id_is_unique_per_organization_not_globally(database, make_org):
+    """Another tenant's key neither collides (no 409, nothing revealed) nor blocks it."""
     a, b = make_org(), make_org()
     key = f"idem-{uuid.uuid4().hex}"
-    dep = a.deploy(a.widget()["id"], deployment_id=key)
-    wb = b.widget()
+    wa, wb = a.widget(), b.widget()
     with pushed_to_queue() as pushes:
-        r = b.req(
+        mine = a.req(
+            "POST", "/widgets/deployments", json={"widget_id": wa["id"], "deployment_id": key}
+        )
+        theirs = b.req(
             "POST", "/widgets/deployments", json={"widget_id": wb["id"], "deployment_id": key}
         )
-    assert_error(r, 409)
-    assert dep["id"] not in r.text
+    assert mine.status_code == 202, mine.text
+    assert theirs.status_code == 202, theirs.text
+    assert mine.json()["deployment_id"] == theirs.json()["deployment_id"] == key
+    assert mine.json()["id"] != theirs.json()["id"]
+    assert (theirs.json()["organization_id"], theirs.json()["widget_id"]) == (b.id, wb["id"])
+    assert mine.json()["id"] not in theirs.text
+    assert len(pushes) == 2
+    assert any(a.id in p and wa["id"] in p for p in pushes)
+    assert any(b.id in p and wb["id"] in p for p in pushes)
+    # Each organization sees only its own deployment of that key.
+    for org, dep in ((a, mine.json()), (b, theirs.json())):
+        assert [d["id"] for d in org.req("GET", "/widgets/deployments").json()] == [dep["id"]]
+    assert b.req("GET", f"/widgets/deployments/{mine.json()['id']}").status_code == 404
+    assert a.req("GET", f"/widgets/deployments/{theirs.json()['id']}").status_code == 404
+
+
+def test_repeating_a_key_another_organization_also_uses_returns_ones_own(database, make_org):
+    a, b = make_org(), make_org()
+    key = f"idem-{uuid.uuid4().hex}"
+    a.deploy(a.widget()["id"], deployment_id=key)
+    wb = b.widget()
+    first = b.deploy(wb["id"], deployment_id=key)
+    with pushed_to_queue() as pushes:
+        again = b.deploy(wb["id"], deployment_id=key)
+    assert again["id"] == first["id"] and again["organization_id"] == b.id
     assert pushes == []
-    assert b.req("GET", "/widgets/deployments").json() == []
+
+
+def test_an_organization_reusing_its_own_key_for_another_widget_gets_409(database, org):
+    key = f"idem-{uuid.uuid4().hex}"
+    dep = org.deploy(org.widget()["id"], deployment_id=key)
+    other = org.widget()
+    with pushed_to_queue() as pushes:
+        r = org.req(
+            "POST", "/widgets/deployments", json={"widget_id": other["id"], "deployment_id": key}
+        )
+    assert_error(r, 409)
+    assert key in r.json()["message"]
+    assert pushes == []
+    listed = org.req("GET", "/widgets/deployments").json()
+    assert [d["id"] for d in listed] == [dep["id"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from typing import Any
 
 from tests.conftest import BUCKET
@@ -144,3 +145,33 @@ def test_diff_of_another_organizations_deployment_is_404(database, org, make_org
     assert r.status_code == 404, r.text
     r = org.req("GET", f"/widgets/deployments/{theirs['id']}/diff", params={"against": "live"})
     assert r.status_code == 404, r.text
+
+
+def test_organizations_sharing_a_deployment_id_each_publish_roll_back_and_diff_their_own(
+    database, make_org, celery_worker, s3
+):
+    """``deployment_id`` is unique per organization: the same key in two organizations gives two
+    independent deployments, and a rollback or a diff naming the key finds the caller's own."""
+    a, b = make_org(), make_org()
+    key = f"shared-{uuid.uuid4().hex}"
+    wa, wb = a.widget(name="a-v1"), b.widget(name="b-v1")
+    theirs = deployed(a, wa["id"], deployment_id=key)
+    mine = deployed(b, wb["id"], deployment_id=key)
+    assert theirs["id"] != mine["id"]
+    assert live_body(s3, a, wa["id"])["widget"]["name"] == "a-v1"
+    assert live_body(s3, b, wb["id"])["widget"]["name"] == "b-v1"
+    assert live_body(s3, a, wa["id"])["deployment_id"] == key
+    assert live_body(s3, b, wb["id"])["deployment_id"] == key
+    # The live deployment is found by key within the organization.
+    same = b.req("GET", f"/widgets/deployments/{mine['id']}/diff", params={"against": "live"})
+    assert same.status_code == 200 and same.json() == [], same.text
+
+    assert b.req("PATCH", f"/widgets/{wb['id']}", json={"name": "b-v2"}).status_code == 200
+    deployed(b, wb["id"])
+    rb = deployed(b, wb["id"], source_deployment_id=key)
+    assert rb["source_deployment_id"] == key
+    assert without_id(rb["config"]) == without_id(mine["config"])
+    assert live_body(s3, b, wb["id"])["widget"]["name"] == "b-v1"
+    # a's deployment of the same key was neither used nor touched.
+    assert a.req("GET", f"/widgets/deployments/{theirs['id']}").json() == theirs
+    assert live_body(s3, a, wa["id"])["widget"]["name"] == "a-v1"

@@ -77,7 +77,7 @@ def test_deploy_answers_202_on_a_broker_that_never_answers(
     from worker.services.reconcile import RESEND_AFTER, reconcile
 
     view = producer.jobs_in_broker()
-    assert not ({b["deployment_id"] for b in accepted} & view.deployments)
+    assert not ({d for _, d in view.deployments} & {b["deployment_id"] for b in accepted})
     report = reconcile(now=utcnow() + timedelta(seconds=RESEND_AFTER + 1), in_broker=view)
     mine = [d for d in report.deployments if d[0] == org.id]
     assert {d[2] for d in mine} == {b["deployment_id"] for b in accepted}

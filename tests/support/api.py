@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 import uuid
 from typing import Any
@@ -9,7 +10,9 @@ from typing import Any
 import httpx
 from fastapi.testclient import TestClient
 
-ADMIN_TOKEN = "test-admin-token"
+# Strong and fresh per test session: it is also what the APP_ENV=production processes started by
+# tests (Flower) get, and production refuses a weak ADMIN_TOKEN.
+ADMIN_TOKEN = secrets.token_urlsafe(32)
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 

@@ -310,19 +310,74 @@ def test_attempt_cap_ends_failure_with_the_reason(
     assert _status(org, w["id"]) == "draft"
 
 
+def _row_of(org_id: str, dep_id: str) -> Deployment:
+    with unit_of_work() as s:
+        return s.exec(
+            select(Deployment).where(
+                Deployment.organization_id == org_id, Deployment.deployment_id == dep_id
+            )
+        ).one()
+
+
 @pytest.mark.parametrize("widget_of", ["attacker", "victim"])
 def test_forged_message_cannot_touch_another_organizations_deployment(
     sqlite_database, make_org, celery_worker, s3_faults, widget_of
 ):
+    """``deployment_id`` is unique per organization: a message naming another organization's
+    key is about a deployment of the sender's own organization, never the victim's."""
     victim, attacker = make_org(), make_org()
     vw, aw = victim.widget(), attacker.widget()
     dep_id = _insert_deployment(victim.id, vw["id"])
-    before = _rows(dep_id)[0].model_dump()
+    before = _row_of(victim.id, dep_id).model_dump()
     _send(attacker.id, (aw if widget_of == "attacker" else vw)["id"], dep_id)
     _drain(attacker)
-    assert _rows(dep_id)[0].model_dump() == before
+    assert _row_of(victim.id, dep_id).model_dump() == before
     assert _puts(s3_faults, victim.container_key(vw["id"])) == 0
-    assert _puts(s3_faults, attacker.container_key(aw["id"])) == 0
+    own = _row_of(attacker.id, dep_id)
+    if widget_of == "attacker":  # simply the attacker's own deployment of its own widget
+        assert (own.status, own.widget_id) == ("success", aw["id"]), own.error
+        assert _puts(s3_faults, attacker.container_key(aw["id"]), 200) == 1
+    else:  # the victim's widget is not the attacker's: its own row fails, nothing is written
+        assert own.status == "failure" and "widget not found" in (own.error or ""), own
+        assert _puts(s3_faults, attacker.container_key(aw["id"])) == 0
+
+
+def test_producers_of_two_organizations_may_use_the_same_deployment_id(
+    database, make_org, celery_worker, s3
+):
+    a, b = make_org(), make_org()
+    wa, wb = a.widget(name="of-a"), b.widget(name="of-b")
+    dep_id = f"producer-{uuid.uuid4().hex}"
+    _send(a.id, wa["id"], dep_id)
+    _send(b.id, wb["id"], dep_id)
+    _drain(b)
+    rows = {r.organization_id: r for r in _rows(dep_id)}
+    assert set(rows) == {a.id, b.id}
+    for org, w in ((a, wa), (b, wb)):
+        row = rows[org.id]
+        assert (row.status, row.widget_id, row.attempts) == ("success", w["id"], 1), row.error
+        body = _s3_json(s3, org.container_key(w["id"]))
+        assert body["deployment_id"] == dep_id and body["widget"]["name"] == w["name"]
+        assert body == row.config
+        assert _status(org, w["id"]) == "published"
+
+
+def test_retry_and_failure_bookkeeping_touch_only_the_senders_deployment(
+    database, make_org, s3_faults
+):
+    from worker.services.deploy import note_retry, record_failure
+
+    a, b = make_org(), make_org()
+    wa, wb = a.widget(), b.widget()
+    dep_id = _insert_deployment(a.id, wa["id"])
+    with unit_of_work() as s:
+        s.add(Deployment(organization_id=b.id, widget_id=wb["id"], deployment_id=dep_id))
+    before = _row_of(a.id, dep_id).model_dump()
+    note_retry(b.id, dep_id, "SlowDown")
+    assert _row_of(b.id, dep_id).error == "retrying: SlowDown"
+    record_failure(b.id, wb["id"], dep_id, "gave up", store=get_store)
+    assert (_row_of(b.id, dep_id).status, _row_of(b.id, dep_id).error) == ("failure", "gave up")
+    assert _row_of(a.id, dep_id).model_dump() == before
 
 
 def test_many_deploys_reuse_one_s3_client(sqlite_database, org, celery_worker, s3_faults, caplog):

@@ -22,13 +22,18 @@ MAX_REASON_LENGTH = 500
 class Deployment(SQLModel, table=True):
     """One request to publish a widget. Never deleted: it keeps the frozen configuration.
 
-    ``deployment_id`` is the idempotency key (a producer may pick it); it is also written into
-    the published file. ``live_deployment_id`` says which deployment's file was live when this
-    one finished (itself, or the one that overtook it or already had the same content).
+    ``deployment_id`` is the idempotency key (a producer may pick it), unique **per
+    organization**: another tenant may use the same one, so every lookup by it names the
+    organization too. It is also written into the published file. ``live_deployment_id`` says
+    which deployment's file was live when this one finished (itself, or the one that overtook it
+    or already had the same content).
     """
 
     __tablename__ = "deployments"
     __table_args__ = (
+        # The idempotency key is unique within an organization only (one tenant's keys must
+        # neither collide with nor reveal another's); lookups by it use this index.
+        Index("ix_deployments_org_deployment_id", "organization_id", "deployment_id", unique=True),
         Index("ix_deployments_org_widget_created", "organization_id", "widget_id", "created_at"),
         # List pages sorted by either timestamp (the id is the tie-break).
         Index("ix_deployments_org_created", "organization_id", "created_at", "id"),
@@ -42,7 +47,7 @@ class Deployment(SQLModel, table=True):
     )
 
     id: str = Field(default_factory=new_id, primary_key=True, max_length=64)
-    deployment_id: str = Field(default_factory=new_id, unique=True, max_length=64)
+    deployment_id: str = Field(default_factory=new_id, max_length=64)
     organization_id: str = Field(foreign_key="organizations.id", index=True, max_length=64)
     # Deliberately no foreign key: deployments outlive their widget.
     widget_id: str = Field(max_length=64)

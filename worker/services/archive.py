@@ -175,7 +175,10 @@ def _archived_copy(session: Session, widget: Widget) -> ArchivedWidget:
     """The widget as last published: edits made since the last deployment are lost."""
     live = (
         session.exec(
-            select(Deployment).where(Deployment.deployment_id == widget.live_deployment_id)
+            select(Deployment).where(
+                Deployment.organization_id == widget.organization_id,
+                Deployment.deployment_id == widget.live_deployment_id,
+            )
         ).first()
         if widget.live_deployment_id
         else None

@@ -97,7 +97,8 @@ def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployO
             raise InvalidJobError(f"unknown organization {organization_id}")
         # Locked (on PostgreSQL; SQLite's write lock is taken at BEGIN): two deliveries of one
         # deployment must not both freeze it.
-        dep = find_deployment(session, deployment_id, lock=True)
+        # The key is this organization's: another tenant's deployment of the same id is not seen.
+        dep = find_deployment(session, organization_id, deployment_id, lock=True)
         if dep is None:  # sent by a producer that did not go through the API
             dep = Deployment(
                 deployment_id=deployment_id,
@@ -106,10 +107,8 @@ def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployO
                 enqueued_at=utcnow(),
             )
             session.add(dep)
-        elif dep.organization_id != organization_id or dep.widget_id != widget_id:
-            raise InvalidJobError(
-                f"deployment {deployment_id} belongs to another organization or widget"
-            )
+        elif dep.widget_id != widget_id:
+            raise InvalidJobError(f"deployment {deployment_id} belongs to another widget")
         if job_state.is_final(dep):
             return outcome(dep)
         gave_up = job_state.give_up_reason(dep, MAX_ATTEMPTS)
@@ -133,7 +132,7 @@ def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployO
                 dep.config = build_snapshot(session, widget, deployment_id)
                 dep.widget_version = widget.version
             else:  # a rollback: the source's snapshot, with this deployment's own id
-                source = find_deployment(session, dep.source_deployment_id)
+                source = find_deployment(session, organization_id, dep.source_deployment_id)
                 problem = rollback_source_problem(source, dep)
                 if problem is not None or source is None or source.config is None:
                     job_state.finish(dep, "failure", problem)
@@ -167,10 +166,11 @@ def run_deployment(
     return publish(step.dep, step.state, store)
 
 
-def note_retry(deployment_id: str, error: str) -> None:
+def note_retry(organization_id: str, deployment_id: str, error: str) -> None:
     with unit_of_work() as session:
         # Locked: the retry may already be running (or done) in another process.
-        job_state.note_retry(find_deployment(session, deployment_id, lock=True), error)
+        dep = find_deployment(session, organization_id, deployment_id, lock=True)
+        job_state.note_retry(dep, error)
 
 
 def record_failure(
@@ -183,9 +183,9 @@ def record_failure(
     """Out of retries or failed permanently: ``failure``, unless S3 shows its bytes are live
     (then ``success``). The widget's publication status is left as it was."""
     with unit_of_work() as session:
-        dep = find_deployment(session, deployment_id)
+        dep = find_deployment(session, organization_id, deployment_id)
     if dep is None or job_state.is_final(dep):
         return
-    if dep.organization_id != organization_id or dep.widget_id != widget_id:
-        return  # a message naming another organization's or widget's job must not fail it
+    if dep.widget_id != widget_id:
+        return  # a message naming another widget's job must not fail it
     fail_checked(dep, error, store)

@@ -66,8 +66,14 @@ def gone_reason(
     return ARCHIVED_ERROR if archived is not None else NOT_FOUND_ERROR
 
 
-def find_deployment(session: Session, deployment_id: str, lock: bool = False) -> Deployment | None:
-    stmt = select(Deployment).where(Deployment.deployment_id == deployment_id)
+def find_deployment(
+    session: Session, organization_id: str, deployment_id: str, lock: bool = False
+) -> Deployment | None:
+    """The deployment ``deployment_id`` of this organization: the key is unique per
+    organization only, so it is never looked up without one."""
+    stmt = select(Deployment).where(
+        Deployment.organization_id == organization_id, Deployment.deployment_id == deployment_id
+    )
     if lock and is_postgres(session):
         stmt = stmt.with_for_update()
     return session.exec(stmt.execution_options(populate_existing=True)).first()
@@ -105,7 +111,8 @@ def read_state(
     if widget.live_deployment_id is not None:
         content = session.exec(
             select(Deployment.content_checksum).where(
-                Deployment.deployment_id == widget.live_deployment_id
+                Deployment.organization_id == organization_id,
+                Deployment.deployment_id == widget.live_deployment_id,
             )
         ).first()
     # Newer than ``dep``: frozen with a higher sequence and not failed, or requested after it and

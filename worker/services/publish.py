@@ -87,7 +87,7 @@ def _commit(
     """Transaction 2: the compare-and-set (if any) and the deployment's ``success``, together.
     None if the compare-and-set lost (decide again)."""
     with unit_of_work() as session:
-        row = find_deployment(session, dep.deployment_id, lock=True)
+        row = find_deployment(session, dep.organization_id, dep.deployment_id, lock=True)
         assert row is not None
         if job_state.is_final(row):
             return outcome(row)  # another delivery of this deployment finished it
@@ -101,7 +101,7 @@ def _commit(
 
 def _fail(dep: Deployment, error: str) -> DeployOutcome:
     with unit_of_work() as session:
-        row = find_deployment(session, dep.deployment_id, lock=True)
+        row = find_deployment(session, dep.organization_id, dep.deployment_id, lock=True)
         assert row is not None
         if not job_state.is_final(row):
             job_state.finish(row, "failure", error)

@@ -54,7 +54,7 @@ class BrokerView(Protocol):
 
     complete: bool
 
-    def has_deployment(self, deployment_id: str) -> bool: ...
+    def has_deployment(self, organization_id: str, deployment_id: str) -> bool: ...
 
     def has_archive(self, job_id: str, widget_id: str) -> bool: ...
 
@@ -89,7 +89,7 @@ def _has_message(job: Deployment | ArchiveJob, policy: _Policy) -> bool:
         if not policy.in_broker.complete:
             return True  # the scan stopped early: nothing is known to be missing
         if isinstance(job, Deployment):
-            return policy.in_broker.has_deployment(job.deployment_id)
+            return policy.in_broker.has_deployment(job.organization_id, job.deployment_id)
         return policy.in_broker.has_archive(job.id, job.widget_id)
     queue = c.DEPLOY_QUEUE if isinstance(job, Deployment) else c.ARCHIVE_QUEUE
     return policy.queue_sizes.get(queue, 0) > 0  # legacy: presumed to be in the backlog

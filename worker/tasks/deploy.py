@@ -26,7 +26,7 @@ class DeployTask(JobTask):
     def record_retry(self, kwargs: dict[str, Any], error: str) -> None:
         ids = _ids(kwargs)
         if ids is not None:
-            service.note_retry(ids[2], error)
+            service.note_retry(ids[0], ids[2], error)
 
 
 @app.task(
