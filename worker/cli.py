@@ -55,14 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(report.archived)} draft widget(s) archived")
         return 0
 
-    from worker.producer import queue_sizes, send_archive, send_deploy
-    from worker.services.reconcile import reconcile
+    from worker.tasks.maintenance import reconcile_and_resend
 
-    rec = reconcile(queue_sizes=queue_sizes())
-    for org_id, widget_id, dep_id in rec.deployments:
-        send_deploy(org_id, widget_id, dep_id)
-    for org_id, widget_id, job_id in rec.archives:
-        send_archive(org_id, widget_id, job_id)
+    # The same path as beat's widgets.reconcile: the broker is read first, so a lost job is
+    # found even behind a backlog.
+    rec = reconcile_and_resend()
     print(
         f"re-sent {len(rec.deployments)} deployment(s), {len(rec.archives)} archive job(s); "
         f"{len(rec.failed)} gave up"

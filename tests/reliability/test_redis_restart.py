@@ -44,6 +44,21 @@ def _reconcile() -> None:
     reconcile_and_resend()
 
 
+def _diagnose(broker: str, workers: Workers) -> str:
+    import redis
+
+    from worker import constants as c
+
+    client = redis.Redis.from_url(broker, socket_timeout=5)
+    try:
+        queues = {q: client.llen(q) for q in c.QUEUES}
+        state = f"queues {queues}, unacked {client.hlen('unacked')}"
+    finally:
+        client.close()
+    tails = "\n".join(f"--- {w.pid}\n{w.log(3000)}" for w in workers.started)
+    return f"{state}\n{tails}"
+
+
 def test_redis_killed_and_restarted_mid_run(
     services: dict[str, Any], tmp_path: Path, guarantee: Any
 ) -> None:
@@ -88,7 +103,12 @@ def test_redis_killed_and_restarted_mid_run(
             accepted_during = sum(
                 1 for c in load.calls if start <= c.started <= end and c.status == 202
             )
-            wait_all_final(org.id, 240, tick=_reconcile)
+            wait_all_final(
+                org.id,
+                240,
+                tick=_reconcile,
+                diagnose=lambda: _diagnose(redis_server.url(), workers),
+            )
             counts = check(org.id, load.accepted, services["s3"], BUCKET)
             statuses = load.statuses()
             p99 = load.p99_between(start, end + 1)

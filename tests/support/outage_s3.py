@@ -58,3 +58,45 @@ class OutageS3Proxy(FaultyS3Proxy):
         if delay:
             time.sleep(delay)
         return super()._take_fault(method)
+
+
+class StallS3Proxy(OutageS3Proxy):
+    """:class:`OutageS3Proxy` that can also **stall**: :meth:`stall` makes it accept every
+    request and hold it unanswered until :meth:`restore` (at most ``MAX_STALL_SECONDS``); held
+    requests are then forwarded (S3 had received them; their client may have given up long ago,
+    and its broken connection is not reported). :attr:`stalled` counts the requests held."""
+
+    MAX_STALL_SECONDS = 120.0
+
+    def __init__(self, upstream: str) -> None:
+        self._stall = threading.Condition()
+        self._stalling = False
+        self.stalled = 0  # requests held by a stall, in total
+        self.holding = 0  # requests being held right now
+        super().__init__(upstream)
+        self.server.handle_error = lambda *_: None  # type: ignore[method-assign]
+
+    def stall(self) -> None:
+        with self._stall:
+            self._stalling = True
+
+    def restore(self) -> None:
+        with self._stall:
+            self._stalling = False
+            self._stall.notify_all()
+        super().restore()
+
+    def _take_fault(self, method: str) -> int | None:
+        with self._stall:
+            if self._stalling:
+                self.stalled += 1
+                self.holding += 1
+                try:
+                    self._stall.wait_for(lambda: not self._stalling, self.MAX_STALL_SECONDS)
+                finally:
+                    self.holding -= 1
+        return super()._take_fault(method)
+
+    def close(self) -> None:
+        self.restore()
+        super().close()

@@ -291,20 +291,35 @@ def wait_all_final(
     *,
     tick: Callable[[], None] | None = None,
     every: float = 2.0,
+    diagnose: Callable[[], str] | None = None,
 ) -> list[Any]:
     """Poll until every deployment of the organization is final; ``tick`` (e.g. a reconcile
-    run, as beat would) is called every ``every`` seconds meanwhile."""
+    run, as beat would) is called every ``every`` seconds meanwhile. On timeout the message
+    holds the pending rows, the last error of ``tick`` and ``diagnose()`` (e.g. broker state,
+    worker logs)."""
     deadline = time.monotonic() + timeout
     next_tick = time.monotonic() + every
+    tick_errors: list[str] = []
     while True:
         rows = org_deployments(org_id)
         if rows and all(r.status in FINAL for r in rows):
             return rows
-        pending = [(r.deployment_id, r.status, r.error) for r in rows if r.status not in FINAL]
-        assert time.monotonic() < deadline, f"not final after {timeout}s: {pending[:10]}"
+        if time.monotonic() >= deadline:
+            pending = [
+                (r.deployment_id, r.status, r.error, r.requeues, str(r.enqueued_at))
+                for r in rows
+                if r.status not in FINAL
+            ]
+            extra = diagnose() if diagnose is not None else ""
+            raise AssertionError(
+                f"not final after {timeout}s ({len(pending)} pending): {pending[:10]}\n"
+                f"tick errors: {len(tick_errors)}, last: {tick_errors[-1:]}\n{extra}"
+            )
         if tick is not None and time.monotonic() >= next_tick:
-            with contextlib.suppress(Exception):
+            try:
                 tick()
+            except Exception as exc:  # a fault test's reconcile may meet the fault
+                tick_errors.append(repr(exc))
             next_tick = time.monotonic() + every
         time.sleep(0.25)
 
