@@ -31,7 +31,13 @@ TASK_TIME_LIMIT = 60
 RETRY_BACKOFF_SECONDS = 2
 RETRY_BACKOFF_MAX_SECONDS = 120
 MAX_RETRIES = 8
-# An unacknowledged message is redelivered after this long. It must exceed the time limit plus
-# the longest retry countdown (ETA messages stay unacknowledged while they wait), else a healthy
-# task would be delivered twice.
+# An unacknowledged message whose worker stopped refreshing it (worker.delivery) is redelivered
+# after this long. Live workers refresh what they hold, so this only delays recovery from a worker
+# killed outright; it is kept above the time limit plus the longest retry countdown anyway.
 VISIBILITY_TIMEOUT = TASK_TIME_LIMIT + RETRY_BACKOFF_MAX_SECONDS + 60
+
+# Broker sockets (workers, beat, the API's health checks, the reconciler's scans): no call waits
+# forever on a broker that accepts connections and never answers. The API's sends use tighter
+# bounds of their own (worker.producer).
+BROKER_SOCKET_TIMEOUT = 5.0
+BROKER_CONNECT_TIMEOUT = 3.0

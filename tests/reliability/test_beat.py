@@ -85,7 +85,7 @@ def test_a_second_beat_exits_while_the_first_runs(
         assert len(lines) == 1, lines
         assert lines[0].startswith("error: another celery beat is running"), lines
         assert first.alive(), first.log_tail()
-        from worker.celery import BEAT_LOCK_KEY, BEAT_LOCK_TTL
+        from worker.beat_lock import BEAT_LOCK_KEY, BEAT_LOCK_TTL
 
         holder = client.get(BEAT_LOCK_KEY)
         assert holder is not None and 0 < client.ttl(BEAT_LOCK_KEY) <= BEAT_LOCK_TTL

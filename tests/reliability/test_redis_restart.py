@@ -124,6 +124,9 @@ def test_redis_killed_and_restarted_mid_run(
     assert (counts.lost, counts.duplicated, counts.stale, counts.running) == (0, 0, 0, 0)
     assert counts.failures == 0 and counts.jobs == JOBS
     assert "Connection to broker lost" in logs or "Cannot connect" in logs  # the fault landed
+    # Every worker survived the loss (a worker that hit kombu's detached-transport race would
+    # have stopped consuming for good: worker.delivery.RedisChannel).
+    assert "Unrecoverable error" not in logs, logs[logs.index("Unrecoverable error") - 2000 :]
     guarantee(
         f"Redis kill -9, restarted after {DOWN_SECONDS:.0f} s (AOF everysec)",
         jobs=counts.jobs,
