@@ -130,6 +130,21 @@ def test_archived_draft_is_deleted_not_listed(database, org, celery_worker):
     assert_error(org.req("GET", f"/widgets/archived/{draft['id']}"), 404)
 
 
+def test_archived_copy_of_unpublished_changes_has_the_published_name(
+    sqlite_database, org, celery_worker
+):
+    w = org.widget(name="as-published")
+    dep = org.wait_deployment(org.deploy(w["id"])["id"])
+    assert dep["status"] == "success", dep
+    r = org.req("PATCH", f"/widgets/{w['id']}", json={"name": "edited-later"})
+    assert r.json()["publication_status"] == "unpublished_changes", r.text
+    job = wait_job(org, org.req("DELETE", f"/widgets/{w['id']}").headers["location"])
+    assert (job["status"], job["result"]) == ("success", "archived"), job
+    archived = org.req("GET", f"/widgets/archived/{w['id']}")
+    assert archived.status_code == 200, archived.text
+    assert archived.json()["name"] == "as-published"
+
+
 def test_archived_list_filter_sort_limit_skip(database, make_org, celery_worker):
     org, other = make_org(), make_org()
     widgets = [published_widget(org) for _ in range(3)]

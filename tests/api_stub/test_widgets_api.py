@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from sqlmodel import col, update
@@ -167,6 +169,39 @@ def test_patch_of_a_published_widget_makes_it_unpublished_changes(database, org,
         org.req("GET", f"/widgets/{w['id']}").json()["publication_status"] == "unpublished_changes"
     )
     assert listed(org, "/widgets")[0]["publication_status"] == "unpublished_changes"
+
+
+def test_concurrent_patches_all_bump_the_version(database, org):
+    n = 6
+    w = org.widget()
+    before = org.req("GET", f"/widgets/{w['id']}").json()["version"]
+    edits = [
+        {"name": "concurrent"},
+        {"domain": "concurrent.example.com"},
+        {"headless": True},
+        {"layout_shape": "square"},
+        {"theme_id": "dark"},
+        {"components": {"texts": {"title": "t"}}},
+    ]
+    assert len(edits) == n
+    barrier = threading.Barrier(n)
+    statuses: list[int] = []
+
+    def patch(body: dict[str, Any]) -> None:
+        barrier.wait(10)
+        statuses.append(org.req("PATCH", f"/widgets/{w['id']}", json=body).status_code)
+
+    threads = [threading.Thread(target=patch, args=(e,)) for e in edits]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert statuses == [200] * n
+    after = org.req("GET", f"/widgets/{w['id']}").json()
+    assert after["version"] == before + n
+    for edit in edits:  # and no edit was lost either
+        ((field, value),) = edit.items()
+        assert after[field] == value, field
 
 
 @pytest.mark.parametrize("path", PAGED)

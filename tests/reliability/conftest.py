@@ -10,13 +10,16 @@ run and written to ``var/reliability-last-run.json`` (the README's "Guarantees" 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from tests.conftest import PROJECT_ROOT
+
+if TYPE_CHECKING:
+    from tests.support.worker_kills import Stack
 
 _RESULTS: list[dict[str, Any]] = []
 REPORT = PROJECT_ROOT / "var" / "reliability-last-run.json"
@@ -52,3 +55,24 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("reliability figures")
     for row in _RESULTS:
         terminalreporter.write_line(json.dumps(row))
+
+
+@pytest.fixture(scope="module")
+def worker_kill_stack(
+    services: dict[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    """One per test module: own Redis, fresh SQLite, S3 through a proxy that can slow it, the
+    in-process API and two short-visibility workers (see ``tests/support/worker_kills.py``);
+    the tests replace the workers they kill."""
+    from tests.support.worker_kills import open_stack
+
+    with open_stack(services, tmp_path_factory.mktemp("worker-kills")) as stack:
+        yield stack
+
+
+@pytest.fixture
+def kill_stack(worker_kill_stack: Stack) -> Iterator[Stack]:
+    """The module's stack with two live, ready workers and S3 at full speed."""
+    worker_kill_stack.prepare()
+    yield worker_kill_stack
+    worker_kill_stack.proxy.slow(0)

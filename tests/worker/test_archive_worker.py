@@ -1,5 +1,7 @@
 """widgets.archive on a real worker, real S3 (moto) and a real database: the end state by status,
-re-runs, S3 outages while deleting assets, and archives racing deploys."""
+re-runs, S3 outages while deleting assets, the container file removed before the row (a failed
+delete keeps the widget for a retry; a draft's leftover file goes too), and archives racing
+deploys."""
 
 from __future__ import annotations
 
@@ -198,6 +200,52 @@ def test_s3_outage_while_deleting_draft_assets_retries_without_orphans(
     after = rows(w["id"])
     assert after["widget"] is None and after["assets"] == []
     assert [k for k in asset_keys if keys(s3, k)] == []
+
+
+def published(org: OrgClient, **body: Any) -> dict[str, Any]:
+    w = org.widget(**body)
+    dep = org.wait_deployment(org.deploy(w["id"])["id"])
+    assert dep["status"] == "success", dep
+    return w
+
+
+def test_archive_keeps_the_widget_when_the_container_delete_fails(
+    sqlite_database, org, celery_worker, s3, s3_faults
+):
+    w = published(org)
+    key = org.container_key(w["id"])
+    assert keys(s3, key)
+    s3_faults.fail_next("DELETE", 403)  # no assets: the first DELETE is the container file
+    first = org.req("DELETE", f"/widgets/{w['id']}")
+    assert first.status_code == 202, first.text
+    job = wait_job(org, first.json()["id"])
+    assert job["status"] == "failure", job
+    assert s3_faults.count("DELETE", 403) == 1
+    row = rows(w["id"])["widget"]
+    assert row is not None and row["archived_at"] is not None  # still there for a retry
+    assert org.req("GET", f"/widgets/{w['id']}").status_code == 404
+    assert keys(s3, key)
+
+    again = org.req("DELETE", f"/widgets/{w['id']}")
+    assert again.status_code == 202, again.text
+    assert again.json()["id"] != job["id"]
+    retried = wait_job(org, again.json()["id"])
+    assert (retried["status"], retried["result"]) == ("success", "archived"), retried
+    assert not keys(s3, key)
+    assert rows(w["id"])["widget"] is None
+    assert org.req("GET", f"/widgets/archived/{w['id']}").status_code == 200
+
+
+def test_archive_of_a_draft_removes_a_leftover_container_file(
+    sqlite_database, org, celery_worker, s3
+):
+    w = org.widget()
+    key = org.container_key(w["id"])
+    # A first deploy killed between its upload and its commit: bytes on S3, the widget a draft.
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b'{"leftover": true}')
+    job = wait_job(org, org.req("DELETE", f"/widgets/{w['id']}").json()["id"])
+    assert (job["status"], job["result"]) == ("success", "deleted"), job
+    assert not keys(s3, key)
 
 
 # --- archive racing a deploy: the real service functions, in a controlled order -------------

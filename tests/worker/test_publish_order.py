@@ -21,6 +21,7 @@ from worker.db import unit_of_work
 from worker.models import Deployment, Widget, utcnow
 from worker.s3 import S3Store, TransientS3Error, get_store
 from worker.services.deploy import run_deployment
+from worker.services.snapshot import _IDENTITY_KEYS
 from worker.settings import get_settings
 
 
@@ -136,6 +137,26 @@ def test_same_content_check_looks_at_s3_not_only_the_record(database, org, s3):
     out = run_deployment(org.id, w["id"], again, store=get_store)
     assert out.published, out
     assert live_file(s3, key)[0]["deployment_id"] == again
+
+
+def test_same_content_redeploy_rewrites_a_foreign_file(sqlite_database, org, celery_worker, s3):
+    """The same check through the session's worker: a crashed deploy's upload is replaced."""
+    w = org.widget()
+    first = org.wait_deployment(org.deploy(w["id"])["id"])
+    assert first["status"] == "success", first
+    key = org.container_key(w["id"])
+    # A crashed deploy's upload: other bytes at the key, no commit.
+    s3.put_object(Bucket=BUCKET, Key=key, Body=b'{"other": "bytes"}')
+
+    second = org.wait_deployment(org.deploy(w["id"])["id"])
+    assert second["status"] == "success", second
+    body = json.loads(s3.get_object(Bucket=BUCKET, Key=key)["Body"].read())
+    assert body.get("deployment_id") in (first["deployment_id"], second["deployment_id"]), body
+
+    def content(snapshot: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in snapshot.items() if k not in _IDENTITY_KEYS}
+
+    assert content(body) == content(first["config"])
 
 
 def test_waiting_older_deployments_coalesce_into_the_newest(database, org, s3, s3_faults):

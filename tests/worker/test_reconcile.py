@@ -11,6 +11,7 @@ them. End-to-end tests use the real in-process worker and Redis.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -150,6 +151,26 @@ def test_stuck_running_job_at_the_cap_fails(database, fresh_org, model):
     assert row.status == "failure" and "gave up" in (row.error or "")
 
 
+def test_reconciler_leaves_backlogged_ready_jobs_alone(database, fresh_org):
+    now = utcnow()
+    old_ready = now - timedelta(seconds=READY_STALE_AFTER + 30)
+    old_running = now - timedelta(seconds=RUNNING_STALE_AFTER + 30)
+    dep = add_job(Deployment, fresh_org, status="ready", enqueued_at=old_ready)
+    archive = add_job(ArchiveJob, fresh_org, status="ready", enqueued_at=old_ready)
+    stuck = add_job(Deployment, fresh_org, status="running", started_at=old_running, attempts=1)
+
+    report = reconcile(now=now, queue_sizes={"deployments": 3, "archives": 0})
+    # The ready deployment is presumably in the backlog; the stuck one is not a queued message.
+    assert resent(report, fresh_org) == {archive.id, stuck.deployment_id}
+    row = load(dep)
+    assert (row.status, row.requeues, row.enqueued_at) == ("ready", 0, old_ready)
+    assert (load(stuck).status, load(archive).requeues) == ("ready", 1)
+
+    report = reconcile(now=now, queue_sizes={"deployments": 0})
+    assert resent(report, fresh_org) == {dep.deployment_id}
+    assert (load(dep).status, load(dep).requeues) == ("ready", 1)
+
+
 def _final(job: Job) -> Job | None:
     row = load(job)
     return row if row.status in FINAL_STATUSES else None
@@ -222,6 +243,19 @@ def test_deploy_whose_broker_message_was_lost_is_resent(
     finally:
         if paused:
             app.control.add_consumer(c.DEPLOY_QUEUE, reply=True, timeout=5)
+
+
+def test_queue_sizes_counts_waiting_messages(services):
+    name = f"sizes-test-{uuid.uuid4().hex[:8]}"
+    empty = f"sizes-empty-{uuid.uuid4().hex[:8]}"
+    broker = redis.Redis.from_url(services["broker"])
+    try:
+        for _ in range(2):
+            app.send_task("widgets.noop-test", queue=name)
+        assert producer.queue_sizes((name, empty)) == {name: 2, empty: 0}
+    finally:
+        broker.delete(name)
+        broker.close()
 
 
 # -- with a view of the broker -------------------------------------------------------------------
