@@ -23,7 +23,7 @@ from api_stub.routes import (
     tenancy,
     widgets,
 )
-from worker.db import get_engine, reset_engine
+from worker.db import api_engine, reset_engine
 from worker.settings import ConfigurationError, get_settings
 
 
@@ -36,7 +36,7 @@ async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         # (raising would make the server print the whole stack trace as the reason).
         print(f"error: {exc}", file=sys.stderr, flush=True)
         os._exit(2)
-    get_engine()
+    api_engine()
     yield
     reset_engine()
 

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+import logging
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Protocol, TypeVar
 
+import anyio
 from fastapi import Depends, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError
 from sqlmodel import Session
 
+from api_stub.admission import admitted
 from api_stub.auth import read_token
-from api_stub.errors import ApiError, bad_request, not_found
+from api_stub.errors import ABANDONED_STATE, ApiError, DatabaseBusy, bad_request, not_found
 from api_stub.schemas.common import SAFE_ID_PATTERN
-from worker.db import get_engine, read_only_engine
+from worker.db import api_engine, database_unavailable
 from worker.ids import MAX_ID_LENGTH, is_safe_id
 from worker.models import ApiKey, Organization
 from worker.settings import Settings, get_settings
@@ -23,18 +28,54 @@ def settings_dep() -> Settings:
     return get_settings()
 
 
-def session_dep(request: Request) -> Iterator[Session]:
+log = logging.getLogger(__name__)
+
+
+def _close(session: Session) -> None:
+    """Close (roll back what was not committed). A connection that died meanwhile changes
+    nothing for the request: its transaction is gone with it, and the pool drops it."""
+    try:
+        session.close()
+    except DBAPIError as exc:
+        found = database_unavailable(exc)
+        if found is None:
+            raise
+        log.warning("closing a session: %s", found.reason)
+
+
+async def session_dep(request: Request) -> AsyncIterator[Session]:
     """One session per request; routes commit once, at the end of their unit of work.
 
+    The session is admitted first (``api_stub.admission``: waited for in the event loop, 503
+    past ``ADMISSION_TIMEOUT``), and closed when the route returns, before the response is sent
+    (``scope="function"`` below), so an error while closing is still answered (503), never
+    raised after the response started (which would make the server drop the connection). It
+    commits nothing once the edge has answered the request 503 at its deadline.
     GET requests only read, so on SQLite they do not queue for the database write lock.
     """
-    engine = read_only_engine() if request.method in ("GET", "HEAD") else get_engine()
-    with Session(engine, expire_on_commit=False) as session:
-        yield session
+    write = request.method not in ("GET", "HEAD")
+    state = request.scope.setdefault("state", {})
+    async with admitted(write=write):
+        session = Session(api_engine(read_only=not write), expire_on_commit=False)
+
+        @event.listens_for(session, "before_commit")
+        def _not_after_the_deadline(_: Session) -> None:
+            # The edge answered 503 at the request's deadline (api_stub.edge): commit nothing
+            # (the client was told so, and retries).
+            if state.get(ABANDONED_STATE):
+                raise DatabaseBusy("answered 503 at the request's deadline: not committed")
+
+        try:
+            yield session
+        finally:
+            # In a thread (a rollback is I/O), outside the request threads' limit, as FastAPI
+            # does for sync dependencies' exits: it must not wait for a busy thread pool.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(_close, session, limiter=anyio.CapacityLimiter(1))
 
 
 SettingsDep = Annotated[Settings, Depends(settings_dep)]
-SessionDep = Annotated[Session, Depends(session_dep)]
+SessionDep = Annotated[Session, Depends(session_dep, scope="function")]
 
 
 # Documentation of the two bearer schemes (OpenAPI ``securitySchemes``); the checks themselves

@@ -1,4 +1,16 @@
-"""Errors in the Didomi (Feathers) shape: {code, name, className, message, errors}."""
+"""Errors in the Didomi (Feathers) shape: {code, name, className, message, errors}.
+
+**The database unavailable is a 503, never a 500.** A connection that died under the request,
+no connection to be had, SQLite's "database is locked", a PostgreSQL statement or lock timeout
+(:func:`worker.db.database_unavailable` decides), or a request not admitted to the database in
+time (:class:`DatabaseBusy`, ``api_stub.admission``): ``503 Unavailable`` in the error shape with
+``Retry-After: 1``, logged as one line without a traceback. Nothing of such a request was
+committed (its transaction is rolled back, by the server if its connection died), so the client
+retries it; the one exception is a connection lost during the COMMIT itself, whose outcome is
+unknown (a deploy retried with the same ``deployment_id`` is idempotent). The handlers are
+registered for those exception classes (not for ``Exception``), so they run in Starlette's
+ExceptionMiddleware and the connection stays open for the next request.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +23,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from worker.db import database_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +58,21 @@ class ErrorBody(BaseModel):
     className: str = Field(examples=["bad-request"])
     message: str
     errors: dict[str, Any] = Field(description="Offending fields (dotted paths) and why")
+
+
+# Seconds a client should wait before retrying a 503 (the header's value).
+RETRY_AFTER_SECONDS = 1
+# Set in the request's scope state when a 503 is for a connection lost under the request: the
+# edge (api_stub.edge) retries a GET or HEAD once instead of answering it.
+DB_CONNECTION_LOST_STATE = "db_connection_lost"
+# Set by the edge when it answered 503 at the request's deadline: the request's session must not
+# commit anything any more (api_stub.deps), so that the 503 is true.
+ABANDONED_STATE = "answered_at_deadline"
+
+
+class DatabaseBusy(Exception):
+    """The request was not admitted to the database in time (``api_stub.admission``), or may
+    not commit any more (answered 503 at its deadline, ``api_stub.deps``)."""
 
 
 class ApiError(Exception):
@@ -79,6 +110,14 @@ def _response(
     if code == 401:
         headers.setdefault("WWW-Authenticate", "Bearer")
     return JSONResponse(error_body(code, message, errors), status_code=code, headers=headers)
+
+
+def unavailable_message(reason: str) -> str:
+    return f"Service temporarily unavailable ({reason}); retry in {RETRY_AFTER_SECONDS} s"
+
+
+def unavailable_headers() -> dict[str, str]:
+    return {"Retry-After": str(RETRY_AFTER_SECONDS)}
 
 
 def _field_name(loc: tuple[Any, ...]) -> str:
@@ -137,6 +176,31 @@ def install_error_handlers(app: FastAPI) -> None:
             if allowed:
                 headers["Allow"] = ", ".join(allowed)
         return _response(exc.status_code, str(exc.detail), headers=headers)
+
+    @app.exception_handler(DatabaseBusy)
+    async def _busy(request: Request, exc: DatabaseBusy) -> JSONResponse:
+        log.warning("database busy on %s %s: %s", request.method, request.url.path, exc)
+        return _response(503, unavailable_message(str(exc)), headers=unavailable_headers())
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(PoolTimeoutError)
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        found = database_unavailable(exc)
+        if found is None:  # a bug or a constraint, not an outage: a 500 (connection kept)
+            log.error("database error on %s %s", request.method, request.url.path, exc_info=exc)
+            return _response(500, "Internal server error")
+        cause = getattr(exc, "orig", None) or exc
+        log.warning(
+            "database unavailable on %s %s: %s (%s: %s)",
+            request.method,
+            request.url.path,
+            found.reason,
+            type(cause).__name__,
+            str(cause).strip().splitlines()[0][:200] if str(cause).strip() else "",
+        )
+        if found.connection_lost:
+            request.scope.setdefault("state", {})[DB_CONNECTION_LOST_STATE] = True
+        return _response(503, unavailable_message(found.reason), headers=unavailable_headers())
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
