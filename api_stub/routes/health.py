@@ -44,4 +44,5 @@ def health(settings: SettingsDep, response: Response) -> dict[str, Any]:
     healthy = all(v == "ok" for v in checks.values())
     if not healthy:
         response.status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+        response.headers["Retry-After"] = "1"  # like every other 503 of the API
     return {"status": "ok" if healthy else "unavailable", "checks": checks}

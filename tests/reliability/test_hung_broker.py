@@ -65,6 +65,7 @@ def test_deploy_answers_202_on_a_broker_that_never_answers(
         assert max(latencies) <= BOUND, sorted(latencies)
         assert reached >= 1, "the API never reached the hung broker"
         assert health.status_code == 503 and health_seconds <= BOUND
+        assert health.headers["retry-after"] == "1"
 
         # Committed, and left ready for the reconciler.
         with unit_of_work() as s:
