@@ -9,9 +9,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from api_stub.edge import BODY_READ_TIMEOUT_SECONDS, EdgeMiddleware
+from api_stub.edge import EdgeMiddleware
 from api_stub.errors import install_error_handlers
 from api_stub.openapi import install_openapi
+from api_stub.route_policy import BODY_READ_TIMEOUT_SECONDS
 from api_stub.routes import (
     archive,
     assets,

@@ -13,8 +13,8 @@ from fastapi import APIRouter, File, UploadFile, status
 from sqlmodel import Session, select
 
 from api_stub.deps import OrgDep, SessionDep, get_owned
-from api_stub.edge import MAX_ASSET_BYTES
 from api_stub.errors import ApiError, bad_request, not_found
+from api_stub.route_policy import MAX_ASSET_BYTES
 from api_stub.routes.widgets import get_live_widget
 from api_stub.schemas.archive import AssetPublic
 from worker.ids import new_id

@@ -12,7 +12,7 @@ import jwt
 import pytest
 
 from api_stub.app import create_app
-from api_stub.edge import (
+from api_stub.route_policy import (
     JSON_BODY_LIMIT,
     MAX_ASSET_BYTES,
     UPLOAD_BODY_LIMIT,

@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import select
 
-from api_stub import admission, edge
+from api_stub import admission, edge, route_policy
 from api_stub.app import create_app
 from api_stub.deps import SessionDep
 from tests.api_stub.live_server import connect, live_server, read_response, request_head
@@ -272,7 +272,7 @@ def test_a_request_not_answered_by_its_deadline_is_a_503_and_commits_nothing(
     """Whatever holds a request (here a database that hangs), the client gets a 503 at the
     deadline, its connection carries the next request, and the held request, once it
     resumes, commits nothing: the 503 was true."""
-    monkeypatch.setattr(edge, "REQUEST_DEADLINE_SECONDS", 0.5)
+    monkeypatch.setattr(route_policy, "REQUEST_DEADLINE_SECONDS", 0.5)
     name = f"never-{uuid.uuid4().hex[:8]}"
     auth = {"Authorization": f"Bearer {org.token}", "Content-Length": "0"}
     try:
@@ -302,7 +302,7 @@ def test_the_deadline_leaves_a_slow_body_to_its_own_timeout(
     server, org, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A body still arriving is not cut by the deadline: its own timeout (408) answers it."""
-    monkeypatch.setattr(edge, "REQUEST_DEADLINE_SECONDS", 0.3)
+    monkeypatch.setattr(route_policy, "REQUEST_DEADLINE_SECONDS", 0.3)
     headers = {
         "Authorization": f"Bearer {org.token}",
         "Content-Type": "application/json",

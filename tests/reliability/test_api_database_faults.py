@@ -13,7 +13,7 @@ transaction open.
 
 PostgreSQL hung (a proxy in front of it stops forwarding, every socket left open: a stopped
 server or a network dropping packets looks the same to a client): every request is answered 503
-within the edge's deadline (``api_stub.edge.REQUEST_DEADLINE_SECONDS``), on the client's
+within the edge's deadline (``api_stub.route_policy.REQUEST_DEADLINE_SECONDS``), on the client's
 keep-alive connection; a deploy answered 503 left no row; once the database answers again the
 API serves again, by itself.
 """
@@ -32,7 +32,7 @@ import pytest
 import redis
 from sqlalchemy.engine import make_url
 
-from api_stub.edge import REQUEST_DEADLINE_SECONDS
+from api_stub.route_policy import REQUEST_DEADLINE_SECONDS
 from tests.conftest import BUCKET
 from tests.support.freezing_proxy import FreezingProxy
 from tests.support.http_api import (
