@@ -5,14 +5,24 @@ FastAPI's generated document is completed once, globally (no route decorator nee
 - every error status an operation can answer, with the ``Error`` schema (the Didomi shape):
   400 (any parameter or body), 401/403 (bearer-secured operations), 404 (an organization route
   or a path with IDs), 408/413 (a request body: api_stub.edge), 409 (listed below or declared
-  by the route), 500 (anything unexpected); FastAPI's 422, which the API never answers, is gone;
-- ``Location`` on every 202;
+  by the route), 500 (anything unexpected), 503 (any request: the database unavailable or busy
+  past the request's deadline, api_stub.errors and api_stub.edge, or the object store; with
+  ``Retry-After``); FastAPI's 422, which the API never answers, is gone;
+- ``Location`` on every 202 (required);
 - file parts of multipart bodies marked ``format: binary`` (OpenAPI 3.0 style, next to 3.1's
   ``contentMediaType``), so generated clients send bytes, not text;
 - ``/health``'s body as the named ``Health`` schema, shared by its 200 and 503 (two inline
   copies of one titled schema make client generators emit duplicate models);
 - ID path parameters with their pattern; no ``authorization`` header parameter (the security
-  schemes say it).
+  schemes say it);
+- request bodies say what every body value must be (``api_stub.schemas.common.json_problems``
+  enforces it): no NUL character in any string or object key (PostgreSQL cannot store one), as
+  a pattern where the type is known, in words on free-form objects (``metadata``,
+  ``components``); a multipart body has exactly its declared parts;
+- OpenAPI ``links`` (:data:`LINKS`): how the answer of one operation names the objects of
+  the next (a created widget's ``id`` is the ``widget_id`` of its GET, PATCH, DELETE, deploys and
+  uploads; a deployment's ``id``, not its ``deployment_id``, is the one its ``Location`` and GET
+  take), for clients, Swagger UI and schemathesis's stateful tests.
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from api_stub.errors import ERROR_NAMES, ErrorBody
-from api_stub.schemas.common import SAFE_ID_PATTERN
+from api_stub.openapi_links import add_links
+from api_stub.schemas.common import MAX_JSON_DEPTH, SAFE_ID_PATTERN
 from api_stub.schemas.health import Health
 from worker.ids import MAX_ID_LENGTH
 
@@ -39,12 +50,14 @@ DOCS_ASSETS_PATH = "/docs/assets"
 
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 HEALTH_REF = {"$ref": "#/components/schemas/Health"}
+# Any string without a NUL character (a regular expression in both ECMA-262 and Python syntax).
+NO_NUL_PATTERN = "^[^\\x00]*$"
+FREE_FORM_RULES = (
+    "Any JSON object: no NUL character in any string or key, at any depth; finite numbers; at "
+    f"most {MAX_JSON_DEPTH} levels of nesting in the whole body"
+)
 # Operations answering 409 whose route does not declare it: (method, path).
 CONFLICTS = frozenset({("post", "/widgets/deployments")})
-# Operations answering 503 when the object store is unavailable.
-STORAGE = frozenset(
-    {("post", "/widgets/{widget_id}/assets"), ("delete", "/widgets/{widget_id}/assets/{asset_id}")}
-)
 _DESCRIPTIONS = {
     400: "Invalid request: the offending fields are named in `errors`",
     401: "Missing, invalid or expired bearer token (or a revoked API key)",
@@ -55,6 +68,10 @@ _DESCRIPTIONS = {
     413: "Request body too large",
     500: "Unexpected error",
     503: "A backing service (database, broker, storage) is unavailable",
+}
+RETRY_AFTER_HEADER = {
+    "description": "Seconds to wait before retrying",
+    "schema": {"type": "integer", "minimum": 0},
 }
 _METHODS = ("get", "put", "post", "delete", "patch", "options", "head", "trace")
 
@@ -70,7 +87,7 @@ def _statuses(method: str, path: str, op: dict[str, Any]) -> set[int]:
     schemes = {name for req in op.get("security", []) for name in req}
     params = op.get("parameters", [])
     has_body = "requestBody" in op
-    codes = {500}
+    codes = {500, 503}
     if params or has_body:
         codes.add(400)
     if schemes:
@@ -81,8 +98,6 @@ def _statuses(method: str, path: str, op: dict[str, Any]) -> set[int]:
         codes |= {408, 413}
     if (method, path) in CONFLICTS:
         codes.add(409)
-    if (method, path) in STORAGE:
-        codes.add(503)
     if path == "/sessions":
         codes.add(401)
     return codes
@@ -99,8 +114,13 @@ def _complete_operation(method: str, path: str, op: dict[str, Any]) -> None:
     if "202" in responses:
         responses["202"].setdefault("headers", {})["Location"] = {
             "description": "Where to follow the accepted job",
+            "required": True,
             "schema": {"type": "string"},
         }
+    if "503" in responses:
+        responses["503"].setdefault("headers", {})["Retry-After"] = copy.deepcopy(
+            RETRY_AFTER_HEADER
+        )
     kept = []
     for param in op.get("parameters", []):
         if param.get("in") == "header" and param.get("name", "").lower() == "authorization":
@@ -125,10 +145,61 @@ def _mark_binary_parts(op: dict[str, Any], schemas: dict[str, Any]) -> None:
     ref = body.get("$ref", "")
     if ref.startswith("#/components/schemas/"):
         body = schemas.get(ref.rsplit("/", 1)[1], {})
+    if "properties" in body:
+        # The route takes exactly its declared parts (``form_limits``): no other field.
+        body.setdefault("additionalProperties", False)
     for prop in body.get("properties", {}).values():
         for part in (prop, prop.get("items", {})):
             if part.get("type") == "string" and "contentMediaType" in part:
                 part.setdefault("format", "binary")
+
+
+def _request_components(schema: dict[str, Any]) -> set[str]:
+    """The component schemas a JSON request body uses, directly or through other components."""
+    found: set[str] = set()
+    pending: list[Any] = [
+        media.get("schema", {})
+        for item in schema.get("paths", {}).values()
+        for method in _METHODS
+        if method in item
+        for media_type, media in item[method].get("requestBody", {}).get("content", {}).items()
+        if media_type == "application/json"
+    ]
+    components = schema.get("components", {}).get("schemas", {})
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+        elif isinstance(node, dict):
+            ref = node.get("$ref", "")
+            name = ref.rsplit("/", 1)[-1]
+            if ref.startswith("#/components/schemas/") and name not in found:
+                found.add(name)
+                pending.append(components.get(name, {}))
+            pending.extend(v for k, v in node.items() if k != "$ref")
+    return found
+
+
+def _json_safe_values(node: Any) -> None:
+    """Say what ``json_problems`` refuses in a request body: a NUL character in a string or an
+    object key (a pattern on typed strings and keys; in words for free-form objects, as a
+    recursive schema of JSON values breaks client generators such as openapi-python-client)."""
+    if isinstance(node, list):
+        for item in node:
+            _json_safe_values(item)
+        return
+    if not isinstance(node, dict):
+        return
+    plain = not ({"pattern", "enum", "const", "format"} & node.keys())
+    if node.get("type") == "string" and plain:
+        node["pattern"] = NO_NUL_PATTERN
+    if node.get("type") == "object" and "properties" not in node:
+        node.setdefault("propertyNames", {}).setdefault("pattern", NO_NUL_PATTERN)
+        if node.get("additionalProperties", True) in (True, {}):
+            node.setdefault("description", FREE_FORM_RULES)
+    for key, value in node.items():
+        if key != "propertyNames":
+            _json_safe_values(value)
 
 
 def complete_openapi(schema: dict[str, Any]) -> dict[str, Any]:
@@ -137,6 +208,8 @@ def complete_openapi(schema: dict[str, Any]) -> dict[str, Any]:
     schemas.pop("HTTPValidationError", None)
     schemas.pop("ValidationError", None)
     schemas["Error"] = ErrorBody.model_json_schema()
+    for name in _request_components(schema):
+        _json_safe_values(schemas[name])
     for path, item in schema.get("paths", {}).items():
         for method in _METHODS:
             if method in item:
@@ -147,7 +220,12 @@ def complete_openapi(schema: dict[str, Any]) -> dict[str, Any]:
         if ok is not None:  # /health answers 503 with the same body
             schemas["Health"] = Health.model_json_schema()
             ok["content"] = {"application/json": {"schema": HEALTH_REF}}
-            path_item["responses"]["503"] = {**copy.deepcopy(ok), "description": _DESCRIPTIONS[503]}
+            path_item["responses"]["503"] = {
+                **copy.deepcopy(ok),
+                "description": _DESCRIPTIONS[503],
+                "headers": {"Retry-After": copy.deepcopy(RETRY_AFTER_HEADER)},
+            }
+    add_links(schema.get("paths", {}))
     return schema
 
 

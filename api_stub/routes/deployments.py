@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import jsonpatch
-from fastapi import APIRouter, Depends, Query, Request, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Request, Response, status
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, select
@@ -15,11 +15,18 @@ from api_stub.deps import OrgDep, SessionDep, check_body_org, get_owned
 from api_stub.errors import ApiError, bad_request, not_found
 from api_stub.query import ListQuery, apply_list_query, list_query
 from api_stub.routes.widgets import get_live_widget
+from api_stub.schemas.common import SAFE_ID_PATTERN
 from api_stub.schemas.deployments import DeploymentCreate, DeploymentPublic, JsonPatchOperation
 from worker import producer
+from worker.ids import MAX_ID_LENGTH
 from worker.models import Deployment, Organization, Widget, utcnow
 
 router = APIRouter(prefix="/widgets/deployments", tags=["deployments"])
+# The path names a deployment by its ``id`` (what ``Location`` and ``GET /widgets/deployments``
+# give), not by the ``deployment_id`` its producer picked.
+DeploymentIdPath = Annotated[
+    str, Path(description="The deployment's `id` (not its `deployment_id` idempotency key)")
+]
 
 
 def _get(session: Session, org: Organization, ident: str) -> Deployment:
@@ -131,7 +138,9 @@ def list_deployments(
 
 
 @router.get("/{deployment_id}", name="get_deployment")
-def get_deployment(deployment_id: str, org: OrgDep, session: SessionDep) -> DeploymentPublic:
+def get_deployment(
+    deployment_id: DeploymentIdPath, org: OrgDep, session: SessionDep
+) -> DeploymentPublic:
     return DeploymentPublic.model_validate(_get(session, org, deployment_id))
 
 
@@ -151,10 +160,17 @@ def _snapshot(dep: Deployment) -> dict[str, Any]:
     responses={200: {"model": list[JsonPatchOperation], "description": "RFC 6902 JSON Patch"}},
 )
 def diff_deployment(
-    deployment_id: str,
+    deployment_id: DeploymentIdPath,
     org: OrgDep,
     session: SessionDep,
-    against: Annotated[str, Query(description="another deployment's id, or `live`")],
+    against: Annotated[
+        str,
+        Query(
+            description="another deployment's `id`, or `live`",
+            pattern=SAFE_ID_PATTERN,  # `live` is one too
+            max_length=MAX_ID_LENGTH,
+        ),
+    ],
 ) -> JSONResponse:
     """The RFC 6902 JSON Patch that turns the ``against`` snapshot into this one: what
     publishing this snapshot (a rollback, a republish) would change on websites. ``against=live``

@@ -17,6 +17,7 @@ from api_stub.schemas.catalog import (
     PreferenceCreate,
     PreferencePublic,
     PreferenceUpdate,
+    PreferenceValueCreate,
     PreferenceValueIn,
     PreferenceValuePublic,
 )
@@ -58,14 +59,14 @@ def _get(session: Session, org: Organization, preference_id: str) -> Preference:
 
 
 def _replace_values(
-    session: Session, pref: Preference, wanted: Sequence[PreferenceValueIn]
+    session: Session, pref: Preference, wanted: Sequence[PreferenceValueCreate]
 ) -> list[PreferenceValue]:
     """Make the preference's values exactly ``wanted``: keep those named by id, add, remove."""
     existing = {v.id: v for v in _values(session, [pref.id]).get(pref.id, [])}
     kept: list[PreferenceValue] = []
     for position, item in enumerate(wanted):
         order = item.order if item.order is not None else position
-        if item.id is not None:
+        if isinstance(item, PreferenceValueIn) and item.id is not None:
             value = existing.pop(item.id, None)
             if value is None:
                 raise bad_request(
@@ -88,8 +89,6 @@ def _replace_values(
 @router.post("", status_code=status.HTTP_201_CREATED)
 def create_preference(body: PreferenceCreate, org: OrgDep, session: SessionDep) -> PreferencePublic:
     check_body_org(body.organization_id, org)
-    if any(v.id is not None for v in body.values):
-        raise bad_request("values of a new preference cannot carry an id", {"values": "id given"})
     pref = Preference(
         organization_id=org.id,
         name=body.name,

@@ -46,12 +46,20 @@ class PurposePublic(OutputModel):
     updated_at: Timestamp
 
 
-class PreferenceValueIn(InputModel):
-    id: SafeId | None = None  # keep an existing value (on update); omitted = a new value
+class PreferenceValueCreate(InputModel):
+    """A value of a new preference (it has no id yet: one given is an unknown field)."""
+
     name: LanguageMap
     metadata: JsonMetadata = Field(default_factory=dict)
     # Omitted or null: the value's position in the list.
     order: int | None = Field(default=None, ge=INT32_MIN, le=INT32_MAX)
+
+
+class PreferenceValueIn(PreferenceValueCreate):
+    """A value in a preference update: with the ``id`` of one of its values, that value is kept
+    (and edited); without, a new value."""
+
+    id: SafeId | None = None
 
 
 class PreferenceValuePublic(OutputModel):
@@ -69,7 +77,7 @@ class PreferenceCreate(OrgScopedInput):
     description: LanguageMap = Field(default_factory=dict)
     type: PreferenceType = "single"
     metadata: JsonMetadata = Field(default_factory=dict)
-    values: list[PreferenceValueIn] = Field(default_factory=list, max_length=500)
+    values: list[PreferenceValueCreate] = Field(default_factory=list, max_length=500)
 
 
 class PreferenceUpdate(InputModel):

@@ -142,7 +142,7 @@ def _allows_null(schema: dict[str, Any]) -> bool:
     return any(_allows_null(b) for b in schema.get("anyOf", []) if isinstance(b, dict))
 
 
-def _document_input(schema: dict[str, Any]) -> None:
+def document_input(schema: dict[str, Any]) -> None:
     # An omitted NOT_NULL field defaults to "unchanged", which JSON cannot say: no default.
     for prop in schema.get("properties", {}).values():
         if "default" in prop and prop["default"] is None and not _allows_null(prop):
@@ -153,7 +153,7 @@ class InputModel(BaseModel):
     """Request bodies: unknown fields are an error (400 naming the field), not silently dropped;
     every value JSON-safe (``json_problems``), each problem a 400 naming where it is."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=_document_input)
+    model_config = ConfigDict(extra="forbid", json_schema_extra=document_input)
 
     @model_validator(mode="before")
     @classmethod

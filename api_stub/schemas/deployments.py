@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import ConfigDict, Field, StringConstraints, model_validator
 
 from api_stub.schemas.common import (
     JsonObject,
@@ -12,6 +12,7 @@ from api_stub.schemas.common import (
     OutputModel,
     SafeId,
     Timestamp,
+    document_input,
 )
 from worker.models.jobs import MAX_REASON_LENGTH
 from worker.services.bulk import MAX_WIDGET_IDS
@@ -63,9 +64,30 @@ class JsonPatchOperation(OutputModel):
     from_: str | None = Field(default=None, alias="from")
 
 
+BULK_SELECTORS = ("widget_ids", "purpose_id", "preference_id", "publication_status")
+
+
+def _exactly_one_selector(schema: dict[str, Any]) -> None:
+    """The document says what ``_one_selector`` checks: one selector given (not null), every
+    other one absent or null."""
+    document_input(schema)
+    schema["oneOf"] = [
+        {
+            "required": [chosen],
+            "properties": {
+                name: {"not": {"type": "null"}} if name == chosen else {"type": "null"}
+                for name in BULK_SELECTORS
+            },
+        }
+        for chosen in BULK_SELECTORS
+    ]
+
+
 class BulkCreate(OrgScopedInput):
     """Exactly one selector: ``widget_ids``, ``purpose_id``, ``preference_id`` (the widgets
     whose live snapshot embeds it) or ``publication_status``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_exactly_one_selector)
 
     widget_ids: Annotated[list[SafeId], Field(min_length=1, max_length=MAX_WIDGET_IDS)] | None = (
         None
@@ -77,11 +99,7 @@ class BulkCreate(OrgScopedInput):
 
     @model_validator(mode="after")
     def _one_selector(self) -> BulkCreate:
-        given = [
-            k
-            for k in ("widget_ids", "purpose_id", "preference_id", "publication_status")
-            if getattr(self, k) is not None
-        ]
+        given = [k for k in BULK_SELECTORS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
                 "give exactly one selector: widget_ids, purpose_id, preference_id or "
@@ -90,10 +108,7 @@ class BulkCreate(OrgScopedInput):
         return self
 
     def selector(self) -> dict[str, Any]:
-        return self.model_dump(
-            exclude_none=True,
-            include={"widget_ids", "purpose_id", "preference_id", "publication_status"},
-        )
+        return self.model_dump(exclude_none=True, include=set(BULK_SELECTORS))
 
 
 class BulkPublic(OutputModel):
