@@ -154,7 +154,10 @@ def allowed_methods(app: FastAPI, path: str) -> list[str]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _response(exc.code, exc.message, exc.errors)
+        # A 503 (e.g. the object store unavailable) tells the client when to try again, like
+        # every other 503 of the API.
+        headers = unavailable_headers() if exc.code == 503 else None
+        return _response(exc.code, exc.message, exc.errors, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

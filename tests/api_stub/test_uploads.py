@@ -8,6 +8,7 @@ import pytest
 from api_stub.routes.assets import content_disposition, normalize_filename
 from tests.api_stub.test_archive_api import SAMPLES, asset_rows, s3_keys, upload
 from tests.conftest import BUCKET
+from worker.storage_keys import asset_prefix
 
 HTML = b"<!DOCTYPE html><html><body><script>alert(document.cookie)</script></body></html>"
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>'
@@ -110,3 +111,19 @@ def test_content_disposition_is_an_attachment_with_a_safe_name():
     header = content_disposition("caf\u00e9 1.png")
     assert header == "attachment; filename=\"caf_ 1.png\"; filename*=UTF-8''caf%C3%A9%201.png"
     assert header.isascii()
+
+
+def test_an_unavailable_store_is_a_503_with_retry_after_and_keeps_nothing(
+    database, org, s3, s3_faults
+):
+    """S3 answering 503 to every attempt of the upload: the client is told to come back
+    (``Retry-After``, like every other 503), and neither a row nor an object is left."""
+    widget_id = org.widget()["id"]
+    s3_faults.fail_next("PUT", 503, times=20)  # more than botocore's attempts
+    r = upload(org, widget_id, SAMPLES["image/png"], "image/png")
+    assert r.status_code == 503, r.text
+    assert r.headers["retry-after"] == "1"
+    assert r.json()["name"] == "Unavailable"
+    assert s3_faults.count("PUT", 503) >= 2  # the fault landed, retried by botocore
+    assert asset_rows(org.id) == []
+    assert s3_keys(s3, asset_prefix(org.api_key, widget_id)) == []
