@@ -241,6 +241,9 @@ def test_connection_stays_usable_after_503s(server, org, monkeypatch: pytest.Mon
             raise PoolTimeoutError("QueuePool limit of size 5 overflow 5 reached, timed out")
         key_check(session, claims)
 
+    # A stand-in fault: a pool that times out at exactly the edge's key check, request after
+    # request, cannot be caused deterministically from outside. Real lost, hung and busy
+    # databases are caused in tests/reliability/test_api_database_faults.py and above.
     monkeypatch.setattr(edge, "check_key_active", check_key_active)
     body = json.dumps({"name": "w", "format": "embeddable", "pad": "x" * 50_000}).encode()
     steps = [

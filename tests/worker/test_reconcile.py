@@ -363,6 +363,8 @@ def test_an_incomplete_view_of_the_broker_resends_no_ready_job(
 
     old = utcnow() - timedelta(seconds=RESEND_AFTER + 5)
     lost = add_job(Deployment, fresh_org, status="ready", enqueued_at=old)
+    # Scaled down, not mocked: the cap is 100,000 messages; 12 real messages stand for a backlog
+    # past it.
     monkeypatch.setattr(producer, "MAX_SCAN", 5)
     monkeypatch.setattr(producer, "SCAN_CHUNK", 5)
     with Connection(backlog_broker) as conn:
