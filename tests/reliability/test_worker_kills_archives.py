@@ -31,9 +31,9 @@ from tests.support.api import OrgClient
 from tests.support.reliability import (
     FINAL,
     Call,
+    CallLog,
     finish_leftovers,
     org_deployments,
-    p99,
     wait_all_final,
 )
 from tests.support.worker_kills import (
@@ -65,7 +65,7 @@ class Planned:
 
 
 @dataclass
-class ArchiveLoad:
+class ArchiveLoad(CallLog):
     """``DELETE /widgets/{id}`` for each widget, from a few threads; ``calls`` as in Load."""
 
     org: OrgClient
@@ -75,18 +75,7 @@ class ArchiveLoad:
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def archive_once(self, widget_id: str, pace: float) -> None:
-        t0 = time.monotonic()
-        try:
-            r = self.org.req("DELETE", f"/widgets/{widget_id}")
-            call = Call(t0, time.monotonic() - t0, r.status_code)
-            if r.status_code == 202:
-                call.deployment = r.json()  # the archive job
-            else:
-                call.error = r.text[:500]
-        except Exception as exc:  # counted as a failed call
-            call = Call(t0, time.monotonic() - t0, 0, error=repr(exc)[:500])
-        with self._lock:
-            self.calls.append(call)
+        self.timed_call("DELETE", f"/widgets/{widget_id}")  # a 202's body is the archive job
         time.sleep(pace)
 
     def in_background(self, pace: float) -> threading.Thread:
@@ -97,19 +86,6 @@ class ArchiveLoad:
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
         return thread
-
-    @property
-    def accepted(self) -> list[dict[str, Any]]:
-        with self._lock:
-            return [c.deployment for c in self.calls if c.deployment is not None]
-
-    def statuses(self) -> Counter[int]:
-        with self._lock:
-            return Counter(c.status for c in self.calls)
-
-    def p99_between(self, start: float, end: float) -> float:
-        with self._lock:
-            return p99([c.seconds for c in self.calls if start <= c.started <= end])
 
 
 def archive_jobs(org_id: str) -> list[Any]:

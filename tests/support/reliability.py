@@ -214,21 +214,19 @@ class Call:
     error: str | None = None  # the body (or exception) of anything but a 202
 
 
-@dataclass
-class Load:
-    """Deploy requests from ``threads`` threads; ``calls`` in the order they finished."""
+class CallLog:
+    """Timed API calls made from several threads, for a dataclass that declares ``org``,
+    ``calls`` (in the order they finished) and ``_lock``."""
 
     org: Any  # tests.support.api.OrgClient
-    widgets: list[dict[str, Any]]
-    threads: int = 6
-    calls: list[Call] = field(default_factory=list)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    calls: list[Call]
+    _lock: threading.Lock
 
-    def deploy_once(self, i: int) -> Call:
-        widget = self.widgets[i % len(self.widgets)]
+    def timed_call(self, method: str, path: str, **kwargs: Any) -> Call:
+        """One request; a 202's body is kept as the accepted job, anything else as the error."""
         t0 = time.monotonic()
         try:
-            r = self.org.req("POST", "/widgets/deployments", json={"widget_id": widget["id"]})
+            r = self.org.req(method, path, **kwargs)
             call = Call(t0, time.monotonic() - t0, r.status_code)
             if r.status_code == 202:
                 call.deployment = r.json()
@@ -239,22 +237,6 @@ class Load:
         with self._lock:
             self.calls.append(call)
         return call
-
-    def run(self, count: int, pace: float = 0.0) -> None:
-        """``count`` requests, started at most every ``pace`` seconds per thread."""
-
-        def one(i: int) -> None:
-            self.deploy_once(i)
-            if pace:
-                time.sleep(pace)
-
-        with ThreadPoolExecutor(self.threads) as pool:
-            list(pool.map(one, range(count)))
-
-    def in_background(self, count: int, pace: float = 0.0) -> threading.Thread:
-        thread = threading.Thread(target=self.run, args=(count, pace), daemon=True)
-        thread.start()
-        return thread
 
     @property
     def accepted(self) -> list[dict[str, Any]]:
@@ -272,6 +254,37 @@ class Load:
     def p99_between(self, start: float, end: float) -> float:
         with self._lock:
             return p99([c.seconds for c in self.calls if start <= c.started <= end])
+
+
+@dataclass
+class Load(CallLog):
+    """Deploy requests from ``threads`` threads; ``calls`` in the order they finished."""
+
+    org: Any  # tests.support.api.OrgClient
+    widgets: list[dict[str, Any]]
+    threads: int = 6
+    calls: list[Call] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def deploy_once(self, i: int) -> Call:
+        widget = self.widgets[i % len(self.widgets)]
+        return self.timed_call("POST", "/widgets/deployments", json={"widget_id": widget["id"]})
+
+    def run(self, count: int, pace: float = 0.0) -> None:
+        """``count`` requests, started at most every ``pace`` seconds per thread."""
+
+        def one(i: int) -> None:
+            self.deploy_once(i)
+            if pace:
+                time.sleep(pace)
+
+        with ThreadPoolExecutor(self.threads) as pool:
+            list(pool.map(one, range(count)))
+
+    def in_background(self, count: int, pace: float = 0.0) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(count, pace), daemon=True)
+        thread.start()
+        return thread
 
 
 # -- waiting and the invariants ----------------------------------------------------------------
