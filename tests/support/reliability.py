@@ -349,9 +349,6 @@ class Counts:
     requeues: int  # re-sends by the reconciler
     attempts: int  # deliveries counted by the workers
 
-    def row(self) -> dict[str, int]:
-        return self.__dict__.copy()
-
 
 def check(org_id: str, accepted: list[dict[str, Any]], s3: Any, bucket: str) -> Counts:
     """The suite's invariants, as counts (the test asserts the ones that must be zero)."""
