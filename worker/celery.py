@@ -120,6 +120,12 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": timedelta(seconds=settings.reconcile_schedule_seconds),
             "options": {"expires": settings.reconcile_schedule_seconds},
         },
+        # Same tick as the reconciler: what became due is checked within a minute of its horizon.
+        "check-late-writes": {
+            "task": c.LATE_WRITES_TASK,
+            "schedule": timedelta(seconds=settings.reconcile_schedule_seconds),
+            "options": {"expires": settings.reconcile_schedule_seconds},
+        },
     }
 
 
@@ -169,6 +175,7 @@ app = Celery(
         "worker.tasks.archive",
         "worker.tasks.bulk",
         "worker.tasks.maintenance",
+        "worker.tasks.late_writes",
     ],
 )
 app.add_defaults(_load_config)

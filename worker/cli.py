@@ -60,9 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     # The same path as beat's widgets.reconcile: the broker is read first, so a lost job is
     # found even behind a backlog.
     rec = reconcile_and_resend()
+    picked = len(rec.deployments) + len(rec.archives) + len(rec.bulks)
     print(
-        f"re-sent {len(rec.deployments)} deployment(s), {len(rec.archives)} archive job(s); "
-        f"{len(rec.failed)} gave up"
+        f"re-sent {picked - len(rec.unsent)} job(s) of {picked} found lost or stuck "
+        f"({len(rec.deployments)} deployment(s), {len(rec.archives)} archive job(s), "
+        f"{len(rec.bulks)} bulk job(s); the broker did not take {len(rec.unsent)}: the next run "
+        f"sends them); {len(rec.failed)} given up; {len(rec.give_up)} frozen deployment(s) "
+        "given up after an S3 check"
     )
     return 0
 

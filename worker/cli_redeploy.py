@@ -1,4 +1,12 @@
-"""``python -m worker.cli redeploy``: a bulk redeploy from a shell, with a live progress bar."""
+"""``python -m worker.cli redeploy``: a bulk redeploy from a shell, with a live progress bar.
+
+The job is committed first, then sent. If the broker does not take the message the job is not
+lost: it stays ``ready`` and the reconciler (``widgets.reconcile``, run by celery beat) sends it
+once the broker answers, within :func:`resend_bound` seconds; the command says so and keeps
+following the job. Exit status: 0 when every deployment succeeded, 1 when the job ended
+``failure`` (a deployment failed, or the fan-out was given up), 2 for bad arguments, 3 when
+``--timeout`` passed first.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +20,8 @@ from sqlmodel import col, select
 from worker.db import unit_of_work
 from worker.ids import is_safe_id
 from worker.models import CREATED_BY_ADMIN, BulkJob, Organization, Widget
-from worker.services import bulk
+from worker.services import bulk, reconcile
+from worker.settings import get_settings
 
 POLL_SECONDS = 0.5
 EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 3
@@ -65,6 +74,12 @@ def _problem(args: argparse.Namespace, selector: dict[str, object]) -> str | Non
     return None
 
 
+def resend_bound() -> float:
+    """Seconds, once the broker answers, before the reconciler sends a job whose send failed:
+    its next run (every ``RECONCILE_SCHEDULE_SECONDS``) after the job is ``RESEND_AFTER`` old."""
+    return get_settings().reconcile_schedule_seconds + reconcile.RESEND_AFTER
+
+
 def run(args: argparse.Namespace) -> int:
     from worker.producer import send_bulk
 
@@ -75,9 +90,14 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     with unit_of_work() as s:
         job_id = bulk.create(s, args.organization, selector, CREATED_BY_ADMIN, args.reason).id
-    if not send_bulk(args.organization, job_id):
-        print("warning: broker unreachable; the reconciler will send the job", file=sys.stderr)
     print(f"bulk job {job_id}")
+    if not send_bulk(args.organization, job_id):
+        print(
+            f"warning: the broker did not take the job (unreachable); it is saved, and the "
+            f"reconciler (widgets.reconcile, run by celery beat) sends it within "
+            f"{resend_bound():.0f}s of the broker answering again. Waiting for it.",
+            file=sys.stderr,
+        )
     deadline = time.monotonic() + args.timeout
     columns = (
         TextColumn("{task.description}"),
@@ -94,9 +114,10 @@ def run(args: argparse.Namespace) -> int:
                 assert job is not None
                 state = bulk.progress(s, job)
             fanned = job.fanned_out_at is not None
+            waiting = state.status == "ready"  # not started: no worker took it yet
             bar.update(
                 task,
-                description="redeploying" if fanned else "fanning out",
+                description="redeploying" if fanned else "waiting" if waiting else "fanning out",
                 total=state.total if fanned else None,
                 completed=state.success + state.failure,
                 success=state.success,
@@ -109,4 +130,6 @@ def run(args: argparse.Namespace) -> int:
                 return EXIT_TIMEOUT
             time.sleep(POLL_SECONDS)
     print(f"{state.status}: {state.success} succeeded, {state.failure} failed of {state.total}")
-    return EXIT_FAILED if state.failure else 0
+    if state.error is not None:
+        print(f"error: the fan-out was given up: {state.error}", file=sys.stderr)
+    return EXIT_FAILED if state.status == "failure" else 0

@@ -7,6 +7,7 @@ ARCHIVE_TASK = "widgets.archive"
 CLEANUP_TASK = "widgets.cleanup_drafts"
 RECONCILE_TASK = "widgets.reconcile"
 BULK_DEPLOY_TASK = "widgets.bulk_deploy"
+LATE_WRITES_TASK = "widgets.check_late_writes"
 
 DEPLOY_QUEUE = "deployments"
 ARCHIVE_QUEUE = "archives"
@@ -21,12 +22,17 @@ TASK_ROUTES = {
     ARCHIVE_TASK: {"queue": ARCHIVE_QUEUE},
     CLEANUP_TASK: {"queue": MAINTENANCE_QUEUE},
     RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE},
+    LATE_WRITES_TASK: {"queue": MAINTENANCE_QUEUE},
 }
 
 # A task is soft-interrupted (and retried) after SOFT, killed after HARD seconds.
 # A deploy takes well under a second; the limits only bound a hung S3 call or database lock.
 TASK_SOFT_TIME_LIMIT = 45
 TASK_TIME_LIMIT = 60
+# S3 refuses a signed request more than 15 minutes after its signature date (SigV4), so a write
+# held up in the network lands within this long of being sent, or never.
+S3_REQUEST_VALIDITY_SECONDS = 15 * 60
+LATE_WRITE_HORIZON_SECONDS = TASK_TIME_LIMIT + S3_REQUEST_VALIDITY_SECONDS + 60
 # Celery retries for S3 outages that outlast botocore's own quick retries.
 RETRY_BACKOFF_SECONDS = 2
 RETRY_BACKOFF_MAX_SECONDS = 120

@@ -46,6 +46,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlmodel import Session, create_engine
 
+from worker import steps
 from worker.settings import get_settings
 
 Role = Literal["worker", "api"]
@@ -208,9 +209,20 @@ def is_postgres(session: Session) -> bool:
 
 
 @contextmanager
-def unit_of_work() -> Iterator[Session]:
-    """One transaction: commits once at the end, rolls back on any error."""
+def unit_of_work(step: str = "transaction") -> Iterator[Session]:
+    """One transaction: commits once at the end, rolls back on any error. ``step`` names it
+    (:mod:`worker.steps`): the jobs' transactions are the steps their guarantees are stated
+    between."""
+    steps.reached(step)
     with Session(get_engine(), expire_on_commit=False) as session, session.begin():
+        yield session
+
+
+@contextmanager
+def read_session(step: str) -> Iterator[Session]:
+    """A read-only session (no SQLite write lock: a WAL snapshot), as a named step."""
+    steps.reached(step)
+    with Session(read_only_engine(), expire_on_commit=False) as session:
         yield session
 
 

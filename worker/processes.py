@@ -72,7 +72,7 @@ def redis_server_binary() -> str:
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-class Stopped(BaseException):  # like KeyboardInterrupt: not an error
+class Stopped(KeyboardInterrupt):  # not an error; pytest and Celery treat it as an interrupt
     """A stop signal arrived (raised in the main thread by :func:`stop_on_signals`)."""
 
     def __init__(self, signum: int) -> None:

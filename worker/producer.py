@@ -17,8 +17,11 @@ sends of that window return ``False`` at once instead of each waiting for the ti
 reconciler sends those jobs once the broker answers again).
 
 :func:`jobs_in_broker` reads which jobs have a message in the broker (waiting in a queue, or
-delivered to a worker and not yet acknowledged); the reconciler re-sends ``ready`` jobs that
-have none.
+delivered to a worker and not yet acknowledged): deploys, archives and bulk fan-outs; the
+reconciler re-sends the unfinished jobs that have none.
+
+Every ``send_*`` returns whether the message was handed to the broker; the reconciler counts a
+re-send only when it was.
 """
 
 from __future__ import annotations
@@ -213,6 +216,7 @@ class BrokerJobs:
     deployments: set[tuple[str, str]] = field(default_factory=set)
     archives: set[str] = field(default_factory=set)  # archive_job_id
     archive_widgets: set[str] = field(default_factory=set)  # widget_id of archive messages
+    bulks: set[str] = field(default_factory=set)  # bulk_id of widgets.bulk_deploy messages
     scanned: int = 0
     complete: bool = True
 
@@ -223,6 +227,9 @@ class BrokerJobs:
         # A producer may send an archive without its job id: the worker then finds the job by
         # its widget, so a message for the widget counts.
         return job_id in self.archives or widget_id in self.archive_widgets
+
+    def has_bulk(self, bulk_id: str) -> bool:
+        return bulk_id in self.bulks
 
 
 def _task_kwargs(envelope: Any) -> tuple[str, dict[str, Any]] | None:
@@ -258,6 +265,8 @@ def _note(jobs: BrokerJobs, envelope: Any) -> None:
             jobs.archives.add(kwargs["archive_job_id"])
         if isinstance(kwargs.get("widget_id"), str):
             jobs.archive_widgets.add(kwargs["widget_id"])
+    elif task == c.BULK_DEPLOY_TASK and isinstance(kwargs.get("bulk_id"), str):
+        jobs.bulks.add(kwargs["bulk_id"])
 
 
 def _loads(raw: bytes | str) -> Any:
@@ -274,7 +283,7 @@ def _queue_keys(queues: Iterable[str]) -> list[str]:
 
 
 def jobs_in_broker(queues: Iterable[str] = c.QUEUES) -> BrokerJobs:
-    """Scan the broker for deploy and archive messages: the queues' lists first, then the
+    """Scan the broker for deploy, archive and bulk messages: the queues' lists first, then the
     messages delivered and not yet acknowledged. Lists are read from their head (where new
     messages are pushed) in chunks; workers pop from the tail, so a message is never skipped by
     a concurrent pop, and one that moves from a list to the unacknowledged set during the scan is

@@ -81,6 +81,10 @@ PERMANENT_CLIENT_ERRORS = (
 )
 
 
+# An ETag no object has (an MD5 of nothing the probe writes).
+PROBE_WRONG_ETAG = "0" * 32
+
+
 class S3Error(Exception):
     """Base of the two S3 failure kinds; the message is readable on its own."""
 
@@ -318,28 +322,46 @@ class S3Store:
 
         self._run(create(), f"create bucket {self.bucket}")
 
-    def delete(self, key: str) -> None:
-        """Delete one object; deleting one that is already gone is a success (idempotent)."""
-        self._run(self._client.delete_object(Bucket=self.bucket, Key=key), f"delete {key}")
+    def delete(self, key: str, *, if_match: str | None = None) -> None:
+        """Delete one object; deleting one that is already gone is a success (idempotent).
+        ``if_match``: only if it still is that version (else :class:`PreconditionFailed`)."""
+        condition = {"IfMatch": if_match} if if_match is not None else {}
+
+        async def delete() -> None:
+            try:
+                await self._client.delete_object(Bucket=self.bucket, Key=key, **condition)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code")
+                if if_match is not None and code in ("NoSuchKey", "404"):
+                    raise PreconditionFailed(f"S3 delete {key}: the object is gone") from exc
+                raise
+
+        self._run(delete(), f"delete {key}")
 
     def supports_conditional_writes(self) -> bool:
-        """Probe: a second ``If-None-Match: *`` write of one key must be refused (412).
+        """Probe both conditions the publish order rests on: a second ``If-None-Match: *``
+        write of one key must be refused (412), and so must an ``If-Match`` write naming an
+        ETag the object does not have.
 
-        A store that silently ignores the header would let an older snapshot replace a newer
-        one, so the worker refuses to start on such a store (:mod:`worker.celery`).
+        A store that silently ignores either header would let an older snapshot replace a newer
+        one (``If-None-Match`` guards a first publish, ``If-Match`` every later one), so the
+        worker refuses to start on such a store (:mod:`worker.celery`).
         """
         key = f"_probe/conditional-writes/{uuid.uuid4().hex}"
         try:
+            # The first write may land with its answer lost; botocore's retry is then refused.
+            with contextlib.suppress(PreconditionFailed):
+                self.put_json(key, b"{}", metadata={}, if_none_match=True)
             try:
                 self.put_json(key, b"{}", metadata={}, if_none_match=True)
+                return False  # If-None-Match ignored
             except PreconditionFailed:
-                # The first write landed but its answer was lost; botocore's retry was refused.
-                return True
+                pass
             try:
-                self.put_json(key, b"{}", metadata={}, if_none_match=True)
+                self.put_json(key, b"{}", metadata={}, if_match=f'"{PROBE_WRONG_ETAG}"')
+                return False  # If-Match ignored
             except PreconditionFailed:
                 return True
-            return False
         finally:
             with contextlib.suppress(S3Error):
                 self.delete(key)

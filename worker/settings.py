@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import AnyUrl, Field, RedisDsn, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from worker.constants import LATE_WRITE_HORIZON_SECONDS
+
 DEFAULT_SQLITE_PATH = Path("var") / "widgets.db"
 DEV_SECRET_KEY = "dev-only-secret-key-never-use-in-production"  # noqa: S105 - accepted only when APP_ENV=development
 DEV_ADMIN_TOKEN = "dev-admin-token"  # noqa: S105 - accepted only when APP_ENV=development
@@ -132,6 +134,11 @@ class Settings(DatabaseSettings):
     # (the schedule file remembers the last run).
     cleanup_crontab_hour: int = Field(default=3, ge=0, le=23)
     reconcile_schedule_seconds: float = Field(default=60, gt=0)
+    # How long after a deployment failed, or a widget was archived, a write sent before it may
+    # still reach S3: the task's hard time limit (the latest a write is sent) plus the 15 min
+    # S3 accepts a signed request for, plus a margin. Past it, the file is checked once more
+    # (worker.services.late_writes). Lower only for a store that enforces a shorter validity.
+    late_write_horizon_seconds: float = Field(default=LATE_WRITE_HORIZON_SECONDS, ge=0)
     # Where celery beat keeps its schedule state (last run of each entry); put it on a volume.
     celery_beat_schedule_filename: str = "celerybeat-schedule"
 

@@ -59,7 +59,8 @@ class ChaosS3Proxy:
         self._p = 0.0
         self._delay_ms = (0.0, 0.0)
         self._kinds: tuple[str, ...] = FAULT_KINDS
-        self.strip_conditional_headers = False
+        # True: drop both conditional headers; a set of names: drop only those.
+        self.strip_conditional_headers: bool | frozenset[str] = False
         # Held responses.
         self._hold_method: str | None = None
         self.held = 0  # responses being held right now
@@ -236,7 +237,12 @@ class ChaosS3Proxy:
 
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP_BY_HOP}
         if self.strip_conditional_headers:
-            kept = {k: v for k, v in headers.items() if k.lower() not in CONDITIONAL_HEADERS}
+            stripping = (
+                CONDITIONAL_HEADERS
+                if self.strip_conditional_headers is True
+                else {name.lower() for name in self.strip_conditional_headers}
+            )
+            kept = {k: v for k, v in headers.items() if k.lower() not in stripping}
             if len(kept) != len(headers):
                 with self._lock:
                     self.stripped += 1

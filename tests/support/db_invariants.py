@@ -39,10 +39,10 @@ from worker.models import (
     ArchiveJob,
     BulkJob,
     Deployment,
-    LiveCatalogRef,
     Organization,
     Preference,
     PreferenceValue,
+    SnapshotCatalogRef,
     Widget,
     WidgetAsset,
 )
@@ -156,7 +156,9 @@ def half_written(started: datetime, s3: Any, bucket: str) -> list[str]:
         )
         keys = list(session.exec(select(ApiKey).where(col(ApiKey.organization_id).in_(ids))))
         refs = list(
-            session.exec(select(LiveCatalogRef).where(col(LiveCatalogRef.organization_id).in_(ids)))
+            session.exec(
+                select(SnapshotCatalogRef).where(col(SnapshotCatalogRef.organization_id).in_(ids))
+            )
         )
         all_widget_ids = set(session.exec(select(Widget.id)).all())
         all_org_ids = set(session.exec(select(Organization.id)).all())

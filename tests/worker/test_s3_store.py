@@ -185,3 +185,32 @@ def test_call_over_budget_is_a_transient_error(stalled_store, s3) -> None:
     proxy.release()
     store.put_json(f"{key}.after", b'{"v":2}', metadata={})  # the store is still usable
     assert on_s3(s3, f"{key}.after")
+
+
+@pytest.mark.parametrize(
+    ("stripped", "honoured"),
+    [
+        pytest.param(frozenset(), True, id="both-honoured"),
+        pytest.param(frozenset({"If-Match"}), False, id="if-match-ignored"),
+        pytest.param(frozenset({"If-None-Match"}), False, id="if-none-match-ignored"),
+        pytest.param(True, False, id="both-ignored"),
+    ],
+)
+def test_probe_refuses_a_store_that_ignores_either_condition(
+    services: dict[str, Any], stripped: Any, honoured: bool
+) -> None:
+    """The start-up probe (issue #15, 4): a proxy that drops only ``If-Match`` used to pass it,
+    and every publish after a widget's first was then unconditional."""
+    from tests.support.chaos_s3 import ChaosS3Proxy
+
+    proxy = ChaosS3Proxy(services["moto_url"])
+    proxy.strip_conditional_headers = stripped or False
+    store = S3Store(get_settings().model_copy(update={"s3_endpoint_url": proxy.url}))
+    try:
+        assert store.supports_conditional_writes() is honoured
+        # The probe really sent both conditions (and the proxy really dropped what it says).
+        assert proxy.count("PUT") >= (2 if not honoured else 3)
+        assert bool(proxy.stripped) == bool(stripped)
+    finally:
+        store.close()
+        proxy.close()

@@ -13,8 +13,8 @@ from worker.models.jobs import (
 from worker.models.tenancy import ApiKey, Organization
 from worker.models.types import utcnow
 from worker.models.widgets import (
-    LiveCatalogRef,
     PublicationStatus,
+    SnapshotCatalogRef,
     Widget,
     WidgetAsset,
 )
@@ -28,12 +28,12 @@ __all__ = [
     "ArchivedWidget",
     "BulkJob",
     "Deployment",
-    "LiveCatalogRef",
     "Organization",
     "Preference",
     "PreferenceValue",
     "PublicationStatus",
     "Purpose",
+    "SnapshotCatalogRef",
     "Widget",
     "WidgetAsset",
     "utcnow",

@@ -64,6 +64,9 @@ class Deployment(SQLModel, table=True):
     checksum: str | None = Field(default=None, max_length=64)
     content_checksum: str | None = Field(default=None, max_length=64)
     live_deployment_id: str | None = Field(default=None, max_length=64)
+    # A ``failure`` that may have sent a write S3 had not answered: checked once the longest
+    # time such a request can still land has passed (worker.services.late_writes).
+    late_write_checked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     # A rollback republishes this earlier deployment's snapshot (same bytes, its own id).
     source_deployment_id: str | None = Field(default=None, max_length=64)
     bulk_id: str | None = Field(default=None, max_length=64)
@@ -95,6 +98,9 @@ class ArchiveJob(SQLModel, table=True):
     enqueued_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     started_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     finished_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # The container key deleted again once no write sent before the archive can still land
+    # (worker.services.late_writes).
+    swept_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 

@@ -104,19 +104,22 @@ class WidgetAsset(SQLModel, table=True):
     updated_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)
 
 
-class LiveCatalogRef(SQLModel, table=True):
-    """A purpose or preference (with its values) embedded in a widget's **live** snapshot.
+class SnapshotCatalogRef(SQLModel, table=True):
+    """A purpose or preference (with its values) embedded in a frozen snapshot of a widget.
 
-    Rewritten whenever the widget's live record moves (worker.services.live_state), so a catalog
-    edit finds every published widget it makes stale with one indexed query, however many
-    widgets the organization has.
+    Written when the snapshot is frozen (with its ``sequence``), in the same transaction, and
+    pruned below the live sequence when the widget's live record moves: so it holds the items of
+    the live snapshot **and** of every snapshot frozen since that may still become live. A
+    catalog edit finds, with one indexed query, every widget whose live or in-flight snapshot it
+    makes stale (worker.services.catalog_impact).
     """
 
-    __tablename__ = "live_catalog_refs"
-    __table_args__ = (Index("ix_live_catalog_refs_org_item", "organization_id", "item_id"),)
+    __tablename__ = "snapshot_catalog_refs"
+    __table_args__ = (Index("ix_snapshot_catalog_refs_org_item", "organization_id", "item_id"),)
 
     widget_id: str = Field(
         sa_column=Column(String(64), ForeignKey("widgets.id", ondelete="CASCADE"), primary_key=True)
     )
+    sequence: int = Field(primary_key=True)
     item_id: str = Field(primary_key=True, max_length=64)
     organization_id: str = Field(max_length=64)

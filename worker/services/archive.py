@@ -12,6 +12,9 @@ plan even when the widget row is already gone. Steps, each idempotent:
    the row goes: if this fails, the archived widget is still there for a retried job).
 4. the widget: draft → delete the row; otherwise copy it into ``archived_widgets`` and delete
    it, in one transaction. Deployments are never touched: they keep every configuration.
+5. later, once no write sent before the claim can still reach S3, the container key is deleted
+   once more (:func:`worker.services.late_writes.sweep_archived`): a deploy's ``If-None-Match``
+   request held up in the network would otherwise find the key free and bring the file back.
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ def _job_for_producer(
 
 
 def _claim(organization_id: str, widget_id: str, job_id: str | None) -> ArchiveJob:
-    with unit_of_work() as session:
+    with unit_of_work("archive.claim") as session:
         if session.get(Organization, organization_id) is None:
             raise InvalidJobError(f"unknown organization {organization_id}")
         widget = lock_widget(session, organization_id, widget_id)
@@ -140,7 +143,7 @@ def _claim(organization_id: str, widget_id: str, job_id: str | None) -> ArchiveJ
 
 def _delete_assets(organization_id: str, widget_id: str, store: Callable[[], S3Store]) -> None:
     while True:
-        with unit_of_work() as session:
+        with unit_of_work("archive.list_assets") as session:
             assets = session.exec(
                 select(WidgetAsset)
                 .where(
@@ -153,14 +156,14 @@ def _delete_assets(organization_id: str, widget_id: str, store: Callable[[], S3S
             return
         for asset in assets:
             store().delete(asset.s3_key)  # object first: a row may outlive it, not the reverse
-            with unit_of_work() as session:
+            with unit_of_work("archive.delete_asset_row") as session:
                 row = session.get(WidgetAsset, asset.id)
                 if row is not None:
                     session.delete(row)
 
 
 def _remove_widget(job_id: str) -> None:
-    with unit_of_work() as session:
+    with unit_of_work("archive.remove_widget") as session:
         job = session.get(ArchiveJob, job_id)
         assert job is not None
         widget = lock_widget(session, job.organization_id, job.widget_id)
@@ -213,7 +216,7 @@ def run_archive(
     # The container file goes before the row: a failure here leaves the widget (archived,
     # invisible) in place, so a new DELETE can retry the whole job. Deleting it for drafts too
     # covers a first deploy killed between its upload and its commit.
-    with unit_of_work() as session:
+    with unit_of_work("archive.read_keys") as session:
         org = session.get(Organization, organization_id)
         assert org is not None
         key = container_key(org.api_key, widget_id)
@@ -224,7 +227,7 @@ def run_archive(
         store().delete(orphan)
     store().delete(key)
     _remove_widget(job.id)
-    with unit_of_work() as session:
+    with unit_of_work("archive.finish") as session:
         final = session.get(ArchiveJob, job.id)
         assert final is not None
         if not job_state.is_final(final):
@@ -234,7 +237,7 @@ def run_archive(
 
 
 def note_retry(archive_job_id: str, error: str) -> None:
-    with unit_of_work() as session:
+    with unit_of_work("archive.note_retry") as session:
         # Locked: the retry may already be running (or done) in another process.
         job_state.note_retry(session.get(ArchiveJob, archive_job_id, with_for_update=True), error)
 

@@ -1,10 +1,22 @@
-"""Which published widgets a catalog item reaches, and marking them stale when it changes.
+"""Which widgets a catalog item reaches, and marking them stale when it changes.
 
 A purpose, or a preference with its values, is part of every snapshot that embeds it. The
-``live_catalog_refs`` table says which widgets' **live** snapshots embed which items; it is
-rewritten in the transaction that moves a widget's live record (:func:`replace_live_refs`).
-An edit of the item then bumps those widgets' content version in its own transaction, so they
-read ``unpublished_changes`` (derived from the versions, never a stored flag).
+``snapshot_catalog_refs`` table says which items each **frozen** snapshot of a widget embeds:
+rows are written in the transaction that freezes the snapshot (:func:`add_snapshot_refs`) and
+pruned below the live sequence when the widget's live record moves (:func:`prune_refs`). An
+edit of the item bumps the content version of every widget with a ref to it, in the edit's own
+transaction, so they read ``unpublished_changes`` (derived from the versions, never a stored
+flag): a snapshot frozen before the edit carries the old version and, once recorded live, leaves
+the widget ``unpublished_changes``.
+
+**Where the edit and the deploy meet.** A freeze and a catalog edit each read what the other
+writes (the freeze reads the item and writes refs; the edit writes the item and reads refs).
+Under PostgreSQL's READ COMMITTED both could read before either commits (a write skew: the
+freeze takes the old text, the edit finds no ref). Both therefore lock the organization's row
+first: the freeze ``FOR SHARE`` (freezes do not wait for each other), the edit ``FOR UPDATE``
+(:func:`lock_catalog`). Whichever locks second sees everything the first committed: the edit
+finds the freeze's refs, or the freeze reads the edited item. On SQLite every write transaction
+holds the database lock from its first statement, which orders them the same way.
 """
 
 from __future__ import annotations
@@ -14,7 +26,8 @@ from typing import Any
 from sqlalchemy import delete, insert, update
 from sqlmodel import Session, col, select
 
-from worker.models import LiveCatalogRef, Widget, utcnow
+from worker.db import is_postgres
+from worker.models import Organization, SnapshotCatalogRef, Widget, utcnow
 
 
 def embedded_items(config: dict[str, Any] | None) -> set[str]:
@@ -26,31 +39,64 @@ def embedded_items(config: dict[str, Any] | None) -> set[str]:
     return items
 
 
-def replace_live_refs(
-    session: Session, organization_id: str, widget_id: str, config: dict[str, Any] | None
+def lock_for_freeze(session: Session, organization_id: str) -> Organization | None:
+    """The organization, share-locked until the freeze commits (see the module docstring)."""
+    stmt = select(Organization).where(Organization.id == organization_id)
+    if is_postgres(session):
+        stmt = stmt.with_for_update(read=True)
+    return session.exec(stmt).first()
+
+
+def lock_catalog(session: Session, organization_id: str) -> None:
+    """A catalog edit is about to run: wait for freezes in flight, keep new ones out until it
+    commits (see the module docstring). Call it before the edit reads the refs."""
+    if is_postgres(session):
+        session.exec(
+            select(Organization.id).where(Organization.id == organization_id).with_for_update()
+        ).first()
+
+
+def add_snapshot_refs(
+    session: Session, organization_id: str, widget_id: str, sequence: int, config: dict[str, Any]
 ) -> None:
-    session.connection().execute(
-        delete(LiveCatalogRef).where(col(LiveCatalogRef.widget_id) == widget_id)
-    )
+    """The items snapshot ``sequence`` of the widget embeds (same transaction as the freeze)."""
     rows = [
-        {"widget_id": widget_id, "item_id": item, "organization_id": organization_id}
+        {
+            "widget_id": widget_id,
+            "sequence": sequence,
+            "item_id": item,
+            "organization_id": organization_id,
+        }
         for item in sorted(embedded_items(config))
     ]
     if rows:
-        session.connection().execute(insert(LiveCatalogRef), rows)
+        session.connection().execute(insert(SnapshotCatalogRef), rows)
+
+
+def prune_refs(session: Session, widget_id: str, live_seq: int) -> None:
+    """Snapshots below the live sequence can never become live: drop their refs."""
+    session.connection().execute(
+        delete(SnapshotCatalogRef).where(
+            col(SnapshotCatalogRef.widget_id) == widget_id,
+            col(SnapshotCatalogRef.sequence) < live_seq,
+        )
+    )
 
 
 def embedding_widgets(organization_id: str, item_id: str) -> Any:
-    """Subquery: ids of the organization's widgets whose live snapshot embeds the item."""
-    return select(LiveCatalogRef.widget_id).where(
-        LiveCatalogRef.organization_id == organization_id, LiveCatalogRef.item_id == item_id
+    """Subquery: ids of the organization's widgets whose live snapshot, or a snapshot frozen
+    since that may still become live, embeds the item."""
+    return select(SnapshotCatalogRef.widget_id).where(
+        SnapshotCatalogRef.organization_id == organization_id,
+        SnapshotCatalogRef.item_id == item_id,
     )
 
 
 def mark_embedding_widgets(session: Session, organization_id: str, item_id: str) -> int:
-    """The item changed (or is gone): every widget whose live snapshot embeds it has
-    unpublished changes now. Returns how many published widgets that is. Same transaction as
-    the edit: both commit or neither."""
+    """The item changed (or is gone): every widget whose live or in-flight snapshot embeds it
+    has unpublished changes now. Returns how many widgets that is. Same transaction as the edit:
+    both commit or neither."""
+    lock_catalog(session, organization_id)
     result = session.connection().execute(
         update(Widget)
         .where(

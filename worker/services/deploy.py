@@ -27,9 +27,10 @@ from sqlmodel import Session, col
 
 from worker.db import unit_of_work
 from worker.ids import require_safe_id
-from worker.models import Deployment, Organization, Widget, utcnow
+from worker.models import Deployment, Widget, utcnow
 from worker.s3 import S3Store
 from worker.services import job_state, live_state
+from worker.services.catalog_impact import add_snapshot_refs, lock_for_freeze
 from worker.services.deploy_outcome import DeployOutcome, outcome
 from worker.services.live_state import find_deployment
 from worker.services.publish import fail_checked, publish
@@ -91,8 +92,10 @@ class _Frozen:
 
 def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployOutcome | _Frozen:
     """Transaction 1. An outcome when the deployment is (now) final without publishing."""
-    with unit_of_work() as session:
-        org = session.get(Organization, organization_id)
+    with unit_of_work("deploy.freeze") as session:
+        # Share-locked: a catalog edit of this organization either committed before this
+        # snapshot reads the catalog, or waits and then sees its refs (catalog_impact).
+        org = lock_for_freeze(session, organization_id)
         if org is None:
             raise InvalidJobError(f"unknown organization {organization_id}")
         # Locked (on PostgreSQL; SQLite's write lock is taken at BEGIN): two deliveries of one
@@ -142,6 +145,7 @@ def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployO
             dep.content_checksum = content_checksum(dep.config)
             dep.s3_key = container_key(org.api_key, widget.id)
             dep.sequence = sequence
+            add_snapshot_refs(session, organization_id, widget_id, sequence, dep.config)
         job_state.mark_running(dep)
         session.flush()
         assert dep.sequence is not None
@@ -167,7 +171,7 @@ def run_deployment(
 
 
 def note_retry(organization_id: str, deployment_id: str, error: str) -> None:
-    with unit_of_work() as session:
+    with unit_of_work("deploy.note_retry") as session:
         # Locked: the retry may already be running (or done) in another process.
         dep = find_deployment(session, organization_id, deployment_id, lock=True)
         job_state.note_retry(dep, error)
@@ -182,7 +186,7 @@ def record_failure(
 ) -> None:
     """Out of retries or failed permanently: ``failure``, unless S3 shows its bytes are live
     (then ``success``). The widget's publication status is left as it was."""
-    with unit_of_work() as session:
+    with unit_of_work("deploy.read_for_failure") as session:
         dep = find_deployment(session, organization_id, deployment_id)
     if dep is None or job_state.is_final(dep):
         return

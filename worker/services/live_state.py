@@ -23,7 +23,7 @@ from sqlmodel import Session, col, or_, select
 from worker.db import is_postgres
 from worker.models import ArchiveJob, Deployment, Widget
 from worker.services import job_state
-from worker.services.catalog_impact import replace_live_refs
+from worker.services.catalog_impact import prune_refs
 
 ARCHIVED_ERROR = "widget archived: deployments of an archived widget are not published"
 NOT_FOUND_ERROR = "widget not found (deleted, or not a widget of this organization)"
@@ -157,7 +157,7 @@ def record_put(session: Session, dep: Deployment, etag: str) -> bool:
     )
     if not result.rowcount:
         return False
-    replace_live_refs(session, dep.organization_id, dep.widget_id, dep.config)
+    prune_refs(session, dep.widget_id, dep.sequence)
     return True
 
 
@@ -179,17 +179,30 @@ def record_same_content(session: Session, dep: Deployment, seen: Live, file: Liv
     )
     if not result.rowcount:
         return False
-    replace_live_refs(session, dep.organization_id, dep.widget_id, dep.config)
+    prune_refs(session, dep.widget_id, dep.sequence)
     return True
 
 
-def record_etag(session: Session, widget_id: str, sequence: int, etag: str) -> None:
-    """The file of the recorded live sequence was rewritten (a repair): remember its ETag."""
+def record_restored(session: Session, target: Deployment, etag: str) -> None:
+    """The recorded live sequence's snapshot (``target``) was written back over a stray file:
+    its ETag, and the deployment whose bytes are live now."""
     session.connection().execute(
         update(Widget)
-        .where(col(Widget.id) == widget_id, col(Widget.live_seq) == sequence)
-        .values(live_etag=etag)
+        .where(col(Widget.id) == target.widget_id, col(Widget.live_seq) == target.sequence)
+        .values(live_etag=etag, live_deployment_id=target.deployment_id)
     )
+
+
+def others_frozen_above(session: Session, dep: Deployment, live_seq: int | None) -> bool:
+    """Is another snapshot of the widget frozen above the live sequence? Each such one may still
+    have a write in flight conditioned on the live file's ETag (:mod:`worker.services.publish`,
+    the same-content fence)."""
+    stmt = select(Deployment.id).where(
+        Deployment.widget_id == dep.widget_id,
+        Deployment.deployment_id != dep.deployment_id,
+        col(Deployment.sequence) > (live_seq or 0),
+    )
+    return session.exec(stmt.limit(1)).first() is not None
 
 
 def finish_success(dep: Deployment, live_deployment_id: str | None) -> None:

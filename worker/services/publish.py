@@ -4,29 +4,40 @@ No database lock or transaction is held during any S3 call. Each round reads the
 state (one short read), decides, and acts:
 
 * the widget is archived or gone → the container file is taken down, the deployment fails;
+* this deployment's own bytes are live (an earlier delivery wrote them, then died or lost the
+  answer) → they are recorded, whatever else happened since (checked first, so a newer record
+  made while they were in flight is repaired rather than coalesced over);
 * a newer snapshot of the widget is waiting or running → this one ends ``success`` naming it
   (bursts coalesce: only the newest of them uploads);
 * a sequence at least as high is live → ``success`` (overtaken), nothing written;
-* the same content is live (checked on S3 itself) → the record moves to this sequence without a
-  write (compare-and-set on the record read);
+* the same content is live (checked on S3 itself) and no other snapshot is frozen above the live
+  record → the record moves to this sequence without a write (compare-and-set on the record
+  read). If another one is (it may still have a write in flight conditioned on the live file's
+  ETag), this deployment writes its own bytes instead: the ETag changes, so that write fails
+  (**the same-content fence**);
 * otherwise a conditional PUT: ``If-None-Match: *`` when no file exists, ``If-Match: <etag>``
   of the file the decision was made on. ``412``/``409`` means someone else wrote first: HEAD the
   file, re-read the record, decide again. A file is therefore never replaced by a lower
   sequence, whoever is slower, on however many hosts.
 
 After a write the record moves forward (compare-and-set). If it cannot (a newer sequence was
-recorded as same-content while this write was in flight), the newer snapshot's bytes are put back
-over this write, conditionally on its ETag.
+recorded meanwhile, or the widget was archived), the write is undone: the recorded snapshot's
+bytes are put back over it, conditionally on its ETag, or the file is taken down. A deployment
+that ends ``failure`` looks at the file again after recording it, and a write that finds its
+deployment already failed undoes itself: whichever looks last undoes, so a failed deployment's
+bytes do not stay live. A write sent but never answered may still land later; once it no longer
+can, :mod:`worker.services.late_writes` checks the file once more.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 
 from sqlmodel import Session
 
-from worker.db import read_only_engine, unit_of_work
+from worker.db import read_session, unit_of_work
 from worker.models import Deployment
 from worker.s3 import PreconditionFailed, S3Error, S3Store, StoredObject, TransientS3Error
 from worker.services import job_state, live_state
@@ -66,13 +77,13 @@ def _as_live(obj: StoredObject | None) -> Live:
     )
 
 
-def _observe(store: Store, key: str) -> Live:
+def observe(store: Store, key: str) -> Live:
     return _as_live(store().head(key))
 
 
 def _read_state(dep: Deployment) -> WidgetState:
     # A read-only session: on SQLite it reads a WAL snapshot instead of taking the write lock.
-    with Session(read_only_engine()) as session:
+    with read_session("publish.read_state") as session:
         return live_state.read_state(session, dep)
 
 
@@ -86,7 +97,7 @@ def _commit(
 ) -> DeployOutcome | None:
     """Transaction 2: the compare-and-set (if any) and the deployment's ``success``, together.
     None if the compare-and-set lost (decide again)."""
-    with unit_of_work() as session:
+    with unit_of_work("publish.record") as session:
         row = find_deployment(session, dep.organization_id, dep.deployment_id, lock=True)
         assert row is not None
         if job_state.is_final(row):
@@ -99,8 +110,15 @@ def _commit(
         return outcome(row, published)
 
 
+def _finish(dep: Deployment, live: str | None) -> DeployOutcome:
+    """``success`` without a write of this deployment's (coalesced, overtaken)."""
+    done = _commit(dep, None, live=live)
+    assert done is not None
+    return done
+
+
 def _fail(dep: Deployment, error: str) -> DeployOutcome:
-    with unit_of_work() as session:
+    with unit_of_work("publish.fail") as session:
         row = find_deployment(session, dep.organization_id, dep.deployment_id, lock=True)
         assert row is not None
         if not job_state.is_final(row):
@@ -116,63 +134,64 @@ def _take_down(dep: Deployment, reason: str, store: Store) -> DeployOutcome:
     return _fail(dep, reason)
 
 
-def _repair(dep: Deployment, state: WidgetState, written: Live, store: Store) -> None:
-    """``written`` (this deployment's file) landed after a newer sequence was recorded as live
-    by a same-content deployment: put the recorded snapshot's bytes back over it."""
-    target_seq = state.live.seq
-    assert target_seq is not None and dep.s3_key is not None
-    with unit_of_work() as session:
-        target = live_state.deployment_at(session, dep.widget_id, target_seq)
-    if target is None or target.config is None or target.content_checksum == dep.content_checksum:
-        return
-    body = canonical_json(target.config)
+def restore_record(dep: Deployment, stray: Live, store: Store) -> None:
+    """``stray`` (a file of ``dep``'s) is live but is not what the database records as live: put
+    the recorded snapshot's bytes back over it, or take it down if nothing is recorded (or the
+    widget is gone). Conditional on ``stray``'s ETag: if someone wrote since, they decide."""
+    assert dep.s3_key is not None and stray.etag is not None
+    with read_session("publish.read_record") as session:
+        widget = live_state.load_widget(session, dep.organization_id, dep.widget_id)
+        target = None
+        if widget is not None and not widget.is_archived and widget.live_seq is not None:
+            target = live_state.deployment_at(session, dep.widget_id, widget.live_seq)
     try:
+        if target is None or target.config is None:
+            store().delete(dep.s3_key, if_match=stray.etag)
+            return
+        if target.deployment_id == dep.deployment_id:
+            return  # the record is this very file
+        body = canonical_json(target.config)
         etag = store().put_json(
             dep.s3_key,
             body,
             metadata=object_metadata(target, sha256_hex(body)),
-            if_match=written.etag,
+            if_match=stray.etag,
         )
     except PreconditionFailed:
         return  # a later writer replaced it; that writer decides from here
-    with unit_of_work() as session:
-        live_state.record_etag(session, dep.widget_id, target_seq, etag)
-
-
-def _overtaken(dep: Deployment, state: WidgetState, store: Store) -> DeployOutcome:
-    """A sequence at least as high as this one is recorded live."""
-    assert dep.s3_key is not None
-    if dep.attempts > 1:
-        # An earlier delivery of this deployment may have written just before it died, over a
-        # newer same-content record: check the file, put the newer bytes back if so.
-        file = _observe(store, dep.s3_key)
-        if file.deployment_id == dep.deployment_id and (file.seq or 0) < (state.live.seq or 0):
-            _repair(dep, state, file, store)
-    done = _commit(dep, None, live=state.live.deployment_id)
-    assert done is not None
-    return done
+    with unit_of_work("publish.record_restored") as session:
+        live_state.record_restored(session, target, etag)
 
 
 def _record_published(dep: Deployment, etag: str, checksum: str, store: Store) -> DeployOutcome:
+    """This deployment's bytes are live (ETag ``etag``): record them, or undo them."""
+    mine = Live(dep.sequence, etag, dep.content_checksum, dep.deployment_id)
+
     def put_recorded(session: Session, row: Deployment) -> bool:
         return live_state.record_put(session, row, etag)
 
     done = _commit(dep, put_recorded, live=dep.deployment_id, published=True, checksum=checksum)
     if done is not None:
+        if done.status == "failure":
+            restore_record(dep, mine, store)  # failed meanwhile: its bytes must not stay live
         return done
+    # Refused: the widget was archived, or a sequence at least as high was recorded meanwhile.
     state = _read_state(dep)
     if state.gone is not None:
         return _take_down(dep, state.gone, store)
     if (state.live.seq or 0) < (dep.sequence or 0):
         raise TransientS3Error("live record moved backwards; retrying")  # cannot happen
-    _repair(dep, state, Live(dep.sequence, etag, dep.content_checksum, dep.deployment_id), store)
-    done = _commit(dep, None, live=state.live.deployment_id, published=True, checksum=checksum)
-    assert done is not None
-    return done
+    restore_record(dep, mine, store)
+    return _finish(dep, state.live.deployment_id)
 
 
 def _record_same_content(session: Session, row: Deployment, *, seen: Live, file: Live) -> bool:
     return live_state.record_same_content(session, row, seen, file)
+
+
+def _fence_needed(dep: Deployment, state: WidgetState) -> bool:
+    with read_session("publish.check_fence") as session:
+        return live_state.others_frozen_above(session, dep, state.live.seq)
 
 
 def publish(dep: Deployment, state: WidgetState, store: Store) -> DeployOutcome:
@@ -181,35 +200,41 @@ def publish(dep: Deployment, state: WidgetState, store: Store) -> DeployOutcome:
     body = canonical_json(dep.config)
     checksum = sha256_hex(body)
     observed: Live | None = None  # the file itself, when S3 was asked during this decision
+    if dep.attempts > 1:
+        # An earlier delivery may have written before it died, or its request may have landed
+        # after it gave up: look at the file before deciding anything else.
+        observed = observe(store, dep.s3_key)
     for _ in range(MAX_ROUNDS):
         if state.gone is not None:
             return _take_down(dep, state.gone, store)
+        if observed is not None and observed.deployment_id == dep.deployment_id:
+            assert observed.etag is not None
+            return _record_published(dep, observed.etag, checksum, store)
         if state.newer_deployment_id is not None:
-            done = _commit(dep, None, live=state.newer_deployment_id)  # coalesced into it
-            assert done is not None
-            return done
+            return _finish(dep, state.newer_deployment_id)  # coalesced into it
         if state.live.seq is not None and state.live.seq >= dep.sequence:
-            return _overtaken(dep, state, store)
+            return _finish(dep, state.live.deployment_id)  # overtaken
         live = observed or state.live
         if live.seq is not None and live.seq >= dep.sequence:
             # S3 is ahead of the record (its writer has not recorded it yet, or died first).
-            if live.deployment_id == dep.deployment_id:
-                return _record_published(dep, live.etag or "", checksum, store)
-            done = _commit(dep, None, live=live.deployment_id)
-            assert done is not None
-            return done
+            return _finish(dep, live.deployment_id)
+        write = True
         if live.exists and live.content_checksum == dep.content_checksum:
             if observed is None:
                 # The record says the same content is live: confirm on S3 (a writer that died
                 # between its upload and its record may have left other bytes there).
-                observed = _observe(store, dep.s3_key)
+                observed = observe(store, dep.s3_key)
                 continue
-            same_content = functools.partial(_record_same_content, seen=state.live, file=observed)
-            done = _commit(dep, same_content, live=observed.deployment_id)
-            if done is not None:
-                return done
-            observed = None
-        else:
+            write = _fence_needed(dep, state)
+            if not write:
+                same_content = functools.partial(
+                    _record_same_content, seen=state.live, file=observed
+                )
+                done = _commit(dep, same_content, live=observed.deployment_id)
+                if done is not None:
+                    return done
+                observed = None
+        if write:
             try:
                 etag = store().put_json(
                     dep.s3_key,
@@ -219,7 +244,7 @@ def publish(dep: Deployment, state: WidgetState, store: Store) -> DeployOutcome:
                     if_none_match=not live.exists,
                 )
             except PreconditionFailed:
-                observed = _observe(store, dep.s3_key)  # someone wrote first: look, decide again
+                observed = observe(store, dep.s3_key)  # someone wrote first: look, decide again
                 state = _read_state(dep)
                 continue
             return _record_published(dep, etag, checksum, store)
@@ -228,26 +253,28 @@ def publish(dep: Deployment, state: WidgetState, store: Store) -> DeployOutcome:
 
 
 def fail_checked(dep: Deployment, error: str, store: Store) -> DeployOutcome:
-    """``failure`` for a deployment that may have written: unless S3 shows its bytes are live
-    (``success``) or a newer sequence is (``success``, overtaken)."""
+    """``failure`` for a deployment that may have written: unless it is gone (the file is taken
+    down), its bytes are live (recorded: ``success``) or a newer sequence is (``success``,
+    overtaken). A delivery still in flight may write after the look: the file is looked at again
+    once the failure is recorded (see the module docstring)."""
     if dep.sequence is None or dep.s3_key is None:
         return _fail(dep, error)
+    state = _read_state(dep)
+    if state.gone is not None:
+        return _take_down(dep, state.gone, store)
     try:
-        file = _observe(store, dep.s3_key)
+        file = observe(store, dep.s3_key)
     except S3Error as exc:
+        # Unchecked: late_writes checks it once no write of it can land any more.
         return _fail(dep, f"{error} (the live file could not be checked: {exc})")
     if file.deployment_id == dep.deployment_id and file.etag is not None:
-        etag = file.etag
-
-        def put_recorded(session: Session, row: Deployment) -> bool:
-            live_state.record_put(session, row, etag)
-            return True  # live either way: a newer record only means it was overtaken since
-
-        done = _commit(dep, put_recorded, live=dep.deployment_id, published=True)
-        assert done is not None
-        return done
+        checksum = sha256_hex(canonical_json(dep.config))
+        return _record_published(dep, file.etag, checksum, store)
     if file.seq is not None and file.seq >= dep.sequence:
-        done = _commit(dep, None, live=file.deployment_id)
-        assert done is not None
-        return done
-    return _fail(dep, error)
+        return _finish(dep, file.deployment_id)
+    done = _fail(dep, error)
+    with contextlib.suppress(S3Error):  # unchecked: late_writes checks it later
+        file = observe(store, dep.s3_key)
+        if file.deployment_id == dep.deployment_id:
+            restore_record(dep, file, store)
+    return done
