@@ -97,6 +97,16 @@ class PermanentS3Error(S3Error):
     """Retrying will not help: wrong bucket, wrong credentials, invalid request."""
 
 
+# An HTTP client's exception can quote a whole response body over several lines; the message
+# ends up in a deployment's ``error``, which operators read in a table.
+MAX_DETAIL_CHARS = 240
+
+
+def _one_line(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= MAX_DETAIL_CHARS else flat[: MAX_DETAIL_CHARS - 1] + "…"
+
+
 def classify(exc: Exception, action: str) -> S3Error:
     if isinstance(exc, ClientError):
         err = exc.response.get("Error", {})
@@ -108,7 +118,7 @@ def classify(exc: Exception, action: str) -> S3Error:
         if code in PERMANENT_ERROR_CODES or (400 <= status < 500 and status not in (408, 429)):
             return PermanentS3Error(message)
         return TransientS3Error(message)
-    message = f"S3 {action} failed: {type(exc).__name__}: {exc}"
+    message = f"S3 {action} failed: {type(exc).__name__}: {_one_line(str(exc))}"
     if isinstance(exc, PERMANENT_CLIENT_ERRORS):
         return PermanentS3Error(message)
     return TransientS3Error(message)

@@ -145,7 +145,9 @@ def test_interrupted_call_is_cancelled_not_left_pending(stalled_store, s3) -> No
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
-    assert proxy.held == 1  # the call was interrupted while S3 had its request in hand
+    # The call was interrupted while S3 had its request in hand. (On a loaded machine botocore
+    # may already have retried a first attempt whose connection failed: more than one is held.)
+    assert proxy.held >= 1
     assert asyncio.all_tasks(store._loop) == set()  # nothing left to resume later
 
     proxy.release()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import Callable
 
 from sqlmodel import Session
@@ -44,6 +45,8 @@ from worker.services import job_state, live_state
 from worker.services.deploy_outcome import DeployOutcome, outcome
 from worker.services.live_state import Live, WidgetState, find_deployment
 from worker.services.snapshot import canonical_json, sha256_hex
+
+log = logging.getLogger(__name__)
 
 # Decision rounds before giving the S3 key a rest (a Celery retry): each lost round means another
 # writer made progress, so this bound is only reached under extreme contention.
@@ -266,7 +269,8 @@ def fail_checked(dep: Deployment, error: str, store: Store) -> DeployOutcome:
         file = observe(store, dep.s3_key)
     except S3Error as exc:
         # Unchecked: late_writes checks it once no write of it can land any more.
-        return _fail(dep, f"{error} (the live file could not be checked: {exc})")
+        log.warning("deployment %s: the live file could not be checked: %s", dep.deployment_id, exc)
+        return _fail(dep, f"{error} (the live file could not be checked)")
     if file.deployment_id == dep.deployment_id and file.etag is not None:
         checksum = sha256_hex(canonical_json(dep.config))
         return _record_published(dep, file.etag, checksum, store)
