@@ -17,20 +17,23 @@ before its fix. The number of schedules each explores is printed (``-s``) and wr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from tests.conftest import BUCKET, PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 from tests.explorer.scheduler import Explorer, Faults, Run, install
 from tests.explorer.world import SteppedStore, World
 from worker import steps
-from worker.s3 import S3Store, get_store
+from worker.s3 import S3Store
+from worker.settings import get_settings
 
 Setup = Callable[[World, S3Store], None]
 Actors = Callable[[World, Run, Callable[[], Any]], None]
@@ -174,6 +177,7 @@ SCENARIOS = [
         _draft,
         _with(_deploy(runs=1), _archive),
         Faults(lose_answer=frozenset({"deploy"}), hold=frozenset({"deploy"})),
+        preemptions=2,
     ),
     # issue #15 7: one delivery publishes while another of the same deployment gives up.
     Scenario(
@@ -209,7 +213,7 @@ def _run_one(
     problems = [f"{name} raised {exc!r}" for name, exc in run.errors()]
     if run.held:
         world.after_horizon(store)
-    problems += world.violations(s3, BUCKET)
+    problems += world.violations(s3, store.bucket)
     return problems, run.trace_text(), len(run.trace)
 
 
@@ -220,8 +224,32 @@ def _record(name: str, figures: dict[str, Any]) -> None:
     RESULTS.write_text(json.dumps(data, indent=2, sort_keys=True))
 
 
+@contextlib.contextmanager
+def _own_bucket(s3: Any) -> Iterator[S3Store]:
+    """A store on a bucket of this scenario's own: moto lists a prefix in time linear in the
+    bucket's size, and thousands of schedules each leave a key behind."""
+    bucket = f"explorer-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    store = S3Store(get_settings().model_copy(update={"s3_bucket": bucket}))
+    try:
+        yield store
+    finally:
+        store.close()
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+        s3.delete_bucket(Bucket=bucket)
+
+
 def explore(scenario: Scenario, schedules: Any, explorer: Explorer, s3: Any) -> dict[str, Any]:
-    store = get_store()
+    with _own_bucket(s3) as store:
+        return _explore(scenario, schedules, explorer, s3, store)
+
+
+def _explore(
+    scenario: Scenario, schedules: Any, explorer: Explorer, s3: Any, store: S3Store
+) -> dict[str, Any]:
     started = time.monotonic()
     failures: list[str] = []
     longest = 0
@@ -244,18 +272,12 @@ def explore(scenario: Scenario, schedules: Any, explorer: Explorer, s3: Any) -> 
     return figures
 
 
-# Found by the explorer and not fixed yet (issue #15 stays open): a held or answer-lost write of
-# an older deploy against a same-content revert, and redeploys/held first uploads against an
-# archive. Run them with EXPLORER_ALL=1.
-OPEN = {
+# Too long for every CI run (minutes each, figures in the README); run with EXPLORER_ALL=1.
+SLOW = {
     "older-deploy-held-vs-revert-to-live-content",
-    "redeploy-vs-archive",
-    "first-deploy-held-vs-archive",
-    "failing-first-deploy-vs-archive",
-    "delivery-vs-give-up-of-the-same-deployment",
     "first-delivery-vs-give-up-of-the-same-deployment",
 }
-ACTIVE = [s for s in SCENARIOS if os.environ.get("EXPLORER_ALL") or s.name not in OPEN]
+ACTIVE = [s for s in SCENARIOS if os.environ.get("EXPLORER_ALL") or s.name not in SLOW]
 
 
 @pytest.mark.parametrize("scenario", ACTIVE, ids=[s.name for s in ACTIVE])

@@ -3,7 +3,8 @@
 Two short transactions per deploy, and no database lock or transaction across any S3 call:
 
 1. *freeze* (:func:`_freeze`): find (or, for a producer that bypassed the API, create) the row,
-   return early if it is final, give up past :data:`MAX_ATTEMPTS`, count this delivery; on the
+   return early if it is final (for a frozen one that failed, after taking back any bytes of its
+   an earlier attempt left live), give up past :data:`MAX_ATTEMPTS`, count this delivery; on the
    first delivery freeze the snapshot and take the widget's next **publish sequence**; mark it
    ``running``; read the widget's live state. A retry or redelivery publishes the same bytes
    with the same sequence.
@@ -33,7 +34,7 @@ from worker.services import job_state, live_state
 from worker.services.catalog_impact import add_snapshot_refs, lock_for_freeze
 from worker.services.deploy_outcome import DeployOutcome, outcome
 from worker.services.live_state import find_deployment
-from worker.services.publish import fail_checked, publish
+from worker.services.publish import fail_checked, publish, take_back
 from worker.services.snapshot import build_snapshot, content_checksum
 from worker.storage_keys import container_key
 
@@ -88,6 +89,7 @@ class _Frozen:
     dep: Deployment
     state: live_state.WidgetState | None = None  # None: out of attempts
     give_up: str | None = None
+    take_back: bool = False  # already failed: only make sure none of its bytes are live
 
 
 def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployOutcome | _Frozen:
@@ -113,6 +115,10 @@ def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployO
         elif dep.widget_id != widget_id:
             raise InvalidJobError(f"deployment {deployment_id} belongs to another widget")
         if job_state.is_final(dep):
+            if dep.status == "failure" and dep.sequence is not None:
+                # Failed by another delivery (a give-up) while this one's earlier attempt may
+                # have written: that attempt's bytes are looked for and taken back.
+                return _Frozen(dep, take_back=True)
             return outcome(dep)
         gave_up = job_state.give_up_reason(dep, MAX_ATTEMPTS)
         if gave_up is not None:
@@ -165,6 +171,9 @@ def run_deployment(
         step = _freeze(organization_id, widget_id, deployment_id)
     if isinstance(step, DeployOutcome):
         return step
+    if step.take_back:
+        take_back(step.dep, store)
+        return outcome(step.dep)
     if step.state is None:
         return fail_checked(step.dep, step.give_up or "gave up", store)
     return publish(step.dep, step.state, store)

@@ -31,6 +31,7 @@ from worker.services.publish import Store, observe, restore_record
 from worker.storage_keys import container_key
 
 BATCH = 200
+MAX_BATCHES = 5  # per tick: 1,000 rows of each kind, inside the task's soft time limit
 
 
 @dataclass
@@ -40,7 +41,7 @@ class LateWriteReport:
     restored: list[str] = field(default_factory=list)  # deployments whose late write was undone
 
 
-def sweep_archived(now: datetime, horizon: float, store: Store, report: LateWriteReport) -> None:
+def sweep_archived(now: datetime, horizon: float, store: Store, report: LateWriteReport) -> int:
     cutoff = now - timedelta(seconds=horizon)
     with read_session("late_writes.read_archives") as session:
         rows = session.exec(
@@ -61,11 +62,12 @@ def sweep_archived(now: datetime, horizon: float, store: Store, report: LateWrit
             if job is not None:
                 job.swept_at = utcnow()
         report.swept.append(job_id)
+    return len(rows)
 
 
 def check_failed_deployments(
     now: datetime, horizon: float, store: Store, report: LateWriteReport
-) -> None:
+) -> int:
     cutoff = now - timedelta(seconds=horizon)
     with read_session("late_writes.read_failures") as session:
         deps = list(
@@ -92,11 +94,19 @@ def check_failed_deployments(
             if row is not None:
                 row.late_write_checked_at = utcnow()
         report.checked.append(dep.deployment_id)
+    return len(deps)
 
 
-def check_late_writes(now: datetime, horizon: float, store: Store) -> LateWriteReport:
-    """One pass over what became due (at most :data:`BATCH` of each kind)."""
+def check_late_writes(
+    now: datetime, horizon: float, store: Store, max_batches: int = MAX_BATCHES
+) -> LateWriteReport:
+    """Everything that became due, in batches of :data:`BATCH` (at most ``max_batches`` of each
+    kind per call; the next tick goes on where this one stopped)."""
     report = LateWriteReport()
-    sweep_archived(now, horizon, store, report)
-    check_failed_deployments(now, horizon, store, report)
+    for _ in range(max_batches):
+        if sweep_archived(now, horizon, store, report) < BATCH:
+            break
+    for _ in range(max_batches):
+        if check_failed_deployments(now, horizon, store, report) < BATCH:
+            break
     return report

@@ -121,11 +121,24 @@ def _finish(dep: Deployment, live: str | None) -> DeployOutcome:
 
 
 def _fail(dep: Deployment, error: str) -> DeployOutcome:
+    done = _fail_if_unfrozen(dep, error, frozen_ok=True)
+    assert isinstance(done, DeployOutcome)
+    return done
+
+
+def _fail_if_unfrozen(
+    dep: Deployment, error: str, *, frozen_ok: bool = False
+) -> DeployOutcome | Deployment:
+    """``failure``; or, unless ``frozen_ok``, the row itself if another delivery froze it since
+    ``dep`` was read (it may be writing: the caller checks S3 as for a frozen deployment)."""
     with unit_of_work("publish.fail") as session:
         row = find_deployment(session, dep.organization_id, dep.deployment_id, lock=True)
         assert row is not None
-        if not job_state.is_final(row):
-            job_state.finish(row, "failure", error)
+        if job_state.is_final(row):
+            return outcome(row)
+        if not frozen_ok and row.sequence is not None:
+            return row
+        job_state.finish(row, "failure", error)
         return outcome(row)
 
 
@@ -261,7 +274,12 @@ def fail_checked(dep: Deployment, error: str, store: Store) -> DeployOutcome:
     overtaken). A delivery still in flight may write after the look: the file is looked at again
     once the failure is recorded (see the module docstring)."""
     if dep.sequence is None or dep.s3_key is None:
-        return _fail(dep, error)
+        # Read before any delivery froze it; the failure is recorded only if that still holds.
+        done = _fail_if_unfrozen(dep, error)
+        if isinstance(done, DeployOutcome):
+            return done
+        dep = done
+        assert dep.sequence is not None and dep.s3_key is not None
     state = _read_state(dep)
     if state.gone is not None:
         return _take_down(dep, state.gone, store)
@@ -277,8 +295,16 @@ def fail_checked(dep: Deployment, error: str, store: Store) -> DeployOutcome:
     if file.seq is not None and file.seq >= dep.sequence:
         return _finish(dep, file.deployment_id)
     done = _fail(dep, error)
-    with contextlib.suppress(S3Error):  # unchecked: late_writes checks it later
+    take_back(dep, store)
+    return done
+
+
+def take_back(dep: Deployment, store: Store) -> None:
+    """``dep`` ended ``failure``, yet a delivery of it may have written since it was last looked
+    at (a write whose answer was lost, a delivery that died after its upload): its bytes must not
+    stay live. Best effort; what cannot be checked now, late_writes checks after the horizon."""
+    assert dep.s3_key is not None
+    with contextlib.suppress(S3Error):
         file = observe(store, dep.s3_key)
         if file.deployment_id == dep.deployment_id:
             restore_record(dep, file, store)
-    return done
