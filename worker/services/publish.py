@@ -206,6 +206,13 @@ def _record_same_content(session: Session, row: Deployment, *, seen: Live, file:
 
 
 def _fence_needed(dep: Deployment, state: WidgetState) -> bool:
+    """Must a same-content deploy write its own bytes (changing the ETag) rather than record the
+    live file? Yes while a write conditioned on the live file's ETag may still land: another
+    snapshot frozen above the live sequence, or an earlier attempt of this very deployment (its
+    request may be held up in the network; recording the file without writing would leave the
+    record naming another deployment's file when it lands)."""
+    if dep.attempts > 1:
+        return True
     with read_session("publish.check_fence") as session:
         return live_state.others_frozen_above(session, dep, state.live.seq)
 
