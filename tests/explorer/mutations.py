@@ -106,6 +106,27 @@ MUTATIONS = [
 ]
 
 
+# Not one of the seven: the bulk fan-out's own order (send, then move the cursor).
+MUTATIONS.append(
+    Mutation(
+        "bulk-cursor-before-sends",
+        "bulk: a crash between cursor and sends loses deploys",
+        "worker/services/bulk.py",
+        "        for widget_id, deployment_id in ready:"
+        "  # after the commit, outside any transaction\n"
+        "            send(organization_id, widget_id, deployment_id)\n"
+        "            sent += 1\n"
+        "        _advance(bulk_id, cursor)\n",
+        "        _advance(bulk_id, cursor)\n"
+        "        for widget_id, deployment_id in ready:\n"
+        "            send(organization_id, widget_id, deployment_id)\n"
+        "            sent += 1\n",
+        "tests/explorer/test_interleavings.py::"
+        "test_every_interleaving_of_a_bulk_fan_out_keeps_its_invariants",
+    )
+)
+
+
 def _git(*args: str, cwd: Path = ROOT) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
