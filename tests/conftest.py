@@ -180,6 +180,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    explorer = sys.modules.get("tests.explorer.test_interleavings")
+    lines = list(getattr(explorer, "SUMMARY", []))
+    if lines:
+        terminalreporter.section("interleaving explorer: schedules run")
+        for line in sorted(lines):
+            terminalreporter.write_line(line)
     seed = getattr(config.option, "randomly_seed", None)
     if isinstance(seed, int):
         terminalreporter.write_line(

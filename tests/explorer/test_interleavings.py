@@ -218,7 +218,12 @@ def _run_one(
     return problems, run.trace_text(), len(run.trace)
 
 
+# Printed at the end of the run by tests/conftest.py (the schedule counts, in CI's log too).
+SUMMARY: list[str] = []
+
+
 def _record(name: str, figures: dict[str, Any]) -> None:
+    SUMMARY.append(f"{name}: {json.dumps(figures, sort_keys=True)}")
     RESULTS.parent.mkdir(exist_ok=True)
     data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     data[name] = figures
