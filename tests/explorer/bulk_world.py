@@ -13,13 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sqlalchemy import delete
 from sqlmodel import col, select
 
 from tests.explorer.scheduler import Run
 from tests.explorer.world import World
 from worker.db import unit_of_work
 from worker.ids import new_id
-from worker.models import BulkJob, Deployment, Widget
+from worker.models import ArchiveJob, BulkJob, Deployment, Widget
 from worker.services import bulk
 from worker.services.archive import mark_archived
 from worker.services.locking import lock_widget
@@ -100,6 +101,17 @@ class BulkWorld:
         if unsent:
             problems.append(f"{len(unsent)} deployments of the job were never sent")
         return problems
+
+
+def cleanup(world: BulkWorld) -> None:
+    """The job's deployments and the archive job are never run here: left ``ready`` in the
+    session's database they would be every later reconciler test's candidates."""
+    with unit_of_work() as s:
+        s.connection().execute(delete(Deployment).where(col(Deployment.bulk_id) == world.bulk_id))
+        s.connection().execute(
+            delete(ArchiveJob).where(col(ArchiveJob.widget_id).in_(world.widget_ids))
+        )
+        s.connection().execute(delete(BulkJob).where(col(BulkJob.id) == world.bulk_id))
 
 
 def bulk_actors(world: BulkWorld, run: Run, store: Callable[[], Any]) -> None:

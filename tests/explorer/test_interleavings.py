@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import PROJECT_ROOT
-from tests.explorer.bulk_world import BulkWorld, bulk_actors
+from tests.explorer.bulk_world import BulkWorld, bulk_actors, cleanup
 from tests.explorer.scheduler import Explorer, Faults, Run, install
 from tests.explorer.world import SteppedStore, World
 from worker import steps
@@ -323,7 +323,9 @@ def _bulk_run(decide: Callable[[Any], int], faults: Faults) -> tuple[list[str], 
         run.run_to_end()
     run.join()
     problems = [f"{name} raised {exc!r}" for name, exc in run.errors()]
-    return problems + world.violations(), run.trace_text(), len(run.trace)
+    problems += world.violations()
+    cleanup(world)
+    return problems, run.trace_text(), len(run.trace)
 
 
 def test_every_interleaving_of_a_bulk_fan_out_keeps_its_invariants(
