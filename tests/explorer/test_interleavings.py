@@ -250,17 +250,21 @@ def _own_bucket(s3: Any) -> Iterator[S3Store]:
 
 def explore(scenario: Scenario, schedules: Any, explorer: Explorer, s3: Any) -> dict[str, Any]:
     with _own_bucket(s3) as store:
-        return _explore(scenario, schedules, explorer, s3, store)
+        return _explore(
+            scenario.name, schedules, explorer, lambda d: _run_one(scenario, d, store, s3)
+        )
 
 
-def _explore(
-    scenario: Scenario, schedules: Any, explorer: Explorer, s3: Any, store: S3Store
-) -> dict[str, Any]:
+RunOne = Callable[[Callable[[Any], int]], tuple[list[str], str, int]]
+
+
+def _explore(name: str, schedules: Any, explorer: Explorer, run_one: RunOne) -> dict[str, Any]:
+    """Run every schedule; stop at the third that breaks an invariant (and fail with them)."""
     started = time.monotonic()
     failures: list[str] = []
     longest = 0
     for decide in schedules:
-        problems, trace, length = _run_one(scenario, decide, store, s3)
+        problems, trace, length = run_one(decide)
         longest = max(longest, length)
         if problems:
             failures.append(f"{'; '.join(problems)}\n    schedule: {trace}")
@@ -273,8 +277,8 @@ def _explore(
         "seconds": round(time.monotonic() - started, 1),
         "violations": len(failures),
     }
-    print(f"\nexplorer {scenario.name}: {figures}")
-    assert not failures, f"{scenario.name}: invariants broken\n  " + "\n  ".join(failures)
+    print(f"\nexplorer {name}: {figures}")
+    assert not failures, f"{name}: invariants broken\n  " + "\n  ".join(failures)
     return figures
 
 
@@ -335,26 +339,11 @@ def test_every_interleaving_of_a_bulk_fan_out_keeps_its_invariants(
     and an archive of one of its widgets, up to two preemptions."""
     explorer = Explorer()
     faults = Faults(crash=frozenset({"bulk"}))
-    started = time.monotonic()
-    failures: list[str] = []
-    longest = 0
-    for decide in explorer.exhaustive(EXHAUSTIVE_LIMIT, BULK_PREEMPTIONS):
-        problems, trace, length = _bulk_run(decide, faults)
-        longest = max(longest, length)
-        if problems:
-            failures.append(f"{'; '.join(problems)}\n    schedule: {trace}")
-            if len(failures) >= 3:
-                break
-    figures = {
-        "schedules": explorer.schedules,
-        "longest_schedule_steps": longest,
-        "seconds": round(time.monotonic() - started, 1),
-        "violations": len(failures),
-        "preemption_bound": BULK_PREEMPTIONS,
-    }
-    print(f"\nexplorer bulk-fan-out-twice-vs-archive: {figures}")
-    _record("exhaustive/bulk-fan-out-twice-vs-archive", figures)
-    assert not failures, "bulk fan-out: invariants broken\n  " + "\n  ".join(failures)
+    schedules = explorer.exhaustive(EXHAUSTIVE_LIMIT, BULK_PREEMPTIONS)
+    name = "bulk-fan-out-twice-vs-archive"
+    figures = _explore(name, schedules, explorer, lambda d: _bulk_run(d, faults))
+    figures["preemption_bound"] = BULK_PREEMPTIONS
+    _record(f"exhaustive/{name}", figures)
 
 
 # Two preemptions (7,559 schedules, ~3.5 min) with EXPLORER_ALL=1; one (1,159, ~25 s) in CI.
