@@ -12,7 +12,7 @@ from fastapi import Depends, Query, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import event
 from sqlalchemy.exc import DBAPIError
-from sqlmodel import Session
+from sqlmodel import Session, col, select
 
 from api_stub.admission import admitted
 from api_stub.auth import read_token
@@ -95,6 +95,8 @@ ADMIN_BEARER = HTTPBearer(
 )
 # Set by api_stub.edge once it has checked that the token's API key still exists.
 KEY_CHECKED_STATE = "api_key_checked"
+# ... and the organization it read with it (the token's, which is ?organization_id=).
+ORGANIZATION_STATE = "organization"
 ORGANIZATION_ID_QUERY = Query(
     pattern=SAFE_ID_PATTERN,
     max_length=MAX_ID_LENGTH,
@@ -132,11 +134,22 @@ def check_org_token(
     return claims
 
 
-def check_key_active(session: Session, claims: dict[str, Any]) -> None:
-    """401 unless the API key that issued the token still exists (revocation is immediate)."""
-    key = session.get(ApiKey, claims["sub"])
-    if key is None or key.organization_id != claims["org"]:
+def check_key_active(session: Session, claims: dict[str, Any]) -> Organization:
+    """The token's organization, read by the statement that checks that the API key which
+    issued the token still exists (401 if not: revocation is immediate). A key cannot outlive
+    its organization, so no organization means no key."""
+    stmt = (
+        select(Organization, ApiKey.id)
+        .outerjoin(
+            ApiKey,
+            (col(ApiKey.id) == claims["sub"]) & (col(ApiKey.organization_id) == Organization.id),
+        )
+        .where(Organization.id == claims["org"])
+    )
+    row = session.exec(stmt).first()
+    if row is None or row[1] is None:
         raise ApiError(401, "The access token's API key was revoked")
+    return row[0]
 
 
 def check_admin(authorization: str | None, settings: Settings) -> None:
@@ -158,12 +171,11 @@ def organization_dep(
     """The organization named by ``?organization_id=``, which the bearer token must be for."""
     require_safe_path_id(organization_id, "organization_id")
     claims = check_org_token(request.headers.get("authorization"), organization_id, settings)
-    if request.scope.get("state", {}).get(KEY_CHECKED_STATE) != claims["sub"]:
-        check_key_active(session, claims)
-    org = session.get(Organization, organization_id)
-    if org is None:
-        raise ApiError(404, f"No organization found for id '{organization_id}'")
-    return org
+    state = request.scope.get("state", {})
+    org = state.get(ORGANIZATION_STATE)
+    if state.get(KEY_CHECKED_STATE) == claims["sub"] and isinstance(org, Organization):
+        return org  # read by the edge's key check, for this request
+    return check_key_active(session, claims)  # the token's org is organization_id (checked)
 
 
 def admin_dep(

@@ -53,6 +53,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api_stub.admission import admitted
 from api_stub.deps import (
     KEY_CHECKED_STATE,
+    ORGANIZATION_STATE,
     check_admin,
     check_key_active,
     check_org_token,
@@ -78,6 +79,7 @@ from api_stub.route_policy import (
 )
 from worker.db import api_engine, database_unavailable
 from worker.ids import is_safe_id
+from worker.models import Organization
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -224,14 +226,14 @@ class EdgeMiddleware:
             authorization, organization_id if is_safe_id(organization_id) else None, settings
         )
 
-        def key_active() -> None:
+        def key_active() -> Organization:
             with Session(api_engine(read_only=True)) as session:
-                check_key_active(session, claims)
+                return check_key_active(session, claims)
 
         for attempt in (1, 2):
             try:
                 async with admitted(write=False):
-                    await anyio.to_thread.run_sync(key_active)
+                    org = await anyio.to_thread.run_sync(key_active)
                 break
             except DBAPIError as exc:
                 # A read: once more on a fresh connection if this one was lost under it.
@@ -239,7 +241,8 @@ class EdgeMiddleware:
                 if attempt == 2 or found is None or not found.connection_lost:
                     raise
                 log.warning("checking the API key lost its database connection: once more")
-        scope.setdefault("state", {})[KEY_CHECKED_STATE] = claims["sub"]
+        state = scope.setdefault("state", {})
+        state[KEY_CHECKED_STATE], state[ORGANIZATION_STATE] = claims["sub"], org
 
 
 def _what(scope: Scope) -> tuple[str, str]:

@@ -7,7 +7,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("floors", "deploys", "latency", "api", "listing", "cleanup", "soak", "bursts")
+SECTIONS = (
+    "floors",
+    "deploys",
+    "latency",
+    "api",
+    "listing",
+    "cleanup",
+    "soak",
+    "bursts",
+    "statements",
+)
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
 

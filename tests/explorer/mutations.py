@@ -37,7 +37,7 @@ MUTATIONS = [
         "1: a catalog edit during an in-flight deploy is lost",
         "worker/services/deploy.py",
         "            add_snapshot_refs("
-        "session, organization_id, widget_id, sequence, dep.config)\n",
+        "session, organization_id, widget_id, widget.publish_seq, dep.config)\n",
         "",
         f"{EXPLORER}[first-deploy-vs-catalog-edit]",
     ),

@@ -47,6 +47,19 @@ def lock_for_freeze(session: Session, organization_id: str) -> Organization | No
     return session.exec(stmt).first()
 
 
+def org_for_freeze(organization_id: str) -> Any:
+    """The organization's ``id`` and ``api_key`` as a CTE share-locked like
+    :func:`lock_for_freeze`, for the freeze's one ``UPDATE widgets ... FROM`` (PostgreSQL:
+    the join reads, so locks, the organization before the widget row is updated, the same
+    order as a catalog edit's)."""
+    return (
+        select(Organization.id, Organization.api_key)
+        .where(Organization.id == organization_id)
+        .with_for_update(read=True)
+        .cte("org")
+    )
+
+
 def lock_catalog(session: Session, organization_id: str) -> None:
     """A catalog edit is about to run: wait for freezes in flight, keep new ones out until it
     commits (see the module docstring). Call it before the edit reads the refs."""
@@ -75,6 +88,8 @@ def add_snapshot_refs(
 
 def prune_refs(session: Session, widget_id: str, live_seq: int) -> None:
     """Snapshots below the live sequence can never become live: drop their refs."""
+    if live_seq <= 1:
+        return  # sequences start at 1: nothing below the first
     session.connection().execute(
         delete(SnapshotCatalogRef).where(
             col(SnapshotCatalogRef.widget_id) == widget_id,

@@ -22,9 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from worker.db import unit_of_work
 from worker.ids import require_safe_id
@@ -66,24 +65,6 @@ def rollback_source_problem(source: Deployment | None, dep: Deployment) -> str |
     return None
 
 
-def _next_sequence(session: Session, organization_id: str, widget_id: str) -> int | None:
-    """Take the widget's next publish sequence, or None if it has no row. The UPDATE locks the
-    widget row until this transaction commits, so the snapshot read *after* it is at least as new
-    as that of any smaller sequence: sequence order is snapshot order (a PATCH or a catalog edit
-    of the widget waits for the lock, or committed before it)."""
-    seq = (
-        session.connection()
-        .execute(
-            update(Widget)
-            .where(col(Widget.id) == widget_id, col(Widget.organization_id) == organization_id)
-            .values(publish_seq=col(Widget.publish_seq) + 1)
-            .returning(col(Widget.publish_seq))
-        )
-        .scalar_one_or_none()
-    )
-    return None if seq is None else int(seq)
-
-
 @dataclass(frozen=True)
 class _Frozen:
     dep: Deployment
@@ -93,18 +74,21 @@ class _Frozen:
 
 
 def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployOutcome | _Frozen:
-    """Transaction 1. An outcome when the deployment is (now) final without publishing."""
-    with unit_of_work("deploy.freeze") as session:
-        # Share-locked: a catalog edit of this organization either committed before this
-        # snapshot reads the catalog, or waits and then sees its refs (catalog_impact).
-        org = lock_for_freeze(session, organization_id)
-        if org is None:
-            raise InvalidJobError(f"unknown organization {organization_id}")
+    """Transaction 1. An outcome when the deployment is (now) final without publishing.
+
+    A first delivery sends: the deployment (locked), the widget with its sequence taken
+    (:func:`live_state.take_sequence`), the catalog items of the snapshot, its refs, the
+    deployment's one UPDATE (a single flush: no autoflush in between) and the "newer waiting"
+    check. Every other case (redelivery, give-up, unknown IDs) reads what it needs.
+    """
+    with unit_of_work("deploy.freeze") as session, session.no_autoflush:
         # Locked (on PostgreSQL; SQLite's write lock is taken at BEGIN): two deliveries of one
         # deployment must not both freeze it.
         # The key is this organization's: another tenant's deployment of the same id is not seen.
         dep = find_deployment(session, organization_id, deployment_id, lock=True)
         if dep is None:  # sent by a producer that did not go through the API
+            if lock_for_freeze(session, organization_id) is None:
+                raise InvalidJobError(f"unknown organization {organization_id}")
             dep = Deployment(
                 deployment_id=deployment_id,
                 organization_id=organization_id,
@@ -127,36 +111,50 @@ def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployO
                 return outcome(dep)
             return _Frozen(dep, give_up=gave_up)  # its bytes may be live: check S3 first
         job_state.count_attempt(dep)
-        # First delivery: the sequence first (it locks the widget row), then the snapshot.
-        sequence = (
-            _next_sequence(session, organization_id, widget_id) if dep.config is None else None
-        )
-        widget = live_state.load_widget(session, organization_id, widget_id)
+        if dep.config is None:
+            # First delivery: the sequence first (it locks the widget row, and on PostgreSQL
+            # share-locks the organization: see catalog_impact), then the snapshot.
+            loaded = live_state.take_sequence(session, organization_id, widget_id)
+            if loaded is None and lock_for_freeze(session, organization_id) is None:
+                raise InvalidJobError(f"unknown organization {organization_id}")
+        else:
+            loaded = live_state.load_with_live(session, organization_id, widget_id)
+        widget = loaded.widget if loaded else None
         gone = live_state.gone_reason(session, organization_id, widget_id, widget)
         if dep.config is None:
-            if gone is not None or widget is None or sequence is None:
+            if gone is not None or widget is None or loaded is None:
                 job_state.finish(dep, "failure", gone)
                 return outcome(dep)
-            if dep.source_deployment_id is None:
-                dep.config = build_snapshot(session, widget, deployment_id)
-                dep.widget_version = widget.version
-            else:  # a rollback: the source's snapshot, with this deployment's own id
-                source = find_deployment(session, organization_id, dep.source_deployment_id)
-                problem = rollback_source_problem(source, dep)
-                if problem is not None or source is None or source.config is None:
-                    job_state.finish(dep, "failure", problem)
-                    return outcome(dep)
-                dep.config = {**source.config, "deployment_id": deployment_id}
-                dep.widget_version = source.widget_version
-            dep.content_checksum = content_checksum(dep.config)
-            dep.s3_key = container_key(org.api_key, widget.id)
-            dep.sequence = sequence
-            add_snapshot_refs(session, organization_id, widget_id, sequence, dep.config)
+            problem = _freeze_snapshot(session, dep, widget)
+            if problem is not None:
+                job_state.finish(dep, "failure", problem)
+                return outcome(dep)
+            assert dep.config is not None
+            dep.s3_key = container_key(loaded.api_key, widget.id)
+            dep.sequence = widget.publish_seq
+            add_snapshot_refs(session, organization_id, widget_id, widget.publish_seq, dep.config)
         job_state.mark_running(dep)
         session.flush()
         assert dep.sequence is not None
-        state = live_state.read_state(session, dep, loaded=(widget, gone))
+        state = live_state.read_state(session, dep, loaded=(loaded, gone))
         return _Frozen(dep, state)
+
+
+def _freeze_snapshot(session: Session, dep: Deployment, widget: Widget) -> str | None:
+    """``dep``'s snapshot, frozen: the widget's now, or for a rollback its source's (with this
+    deployment's own id). Why it cannot be, or None."""
+    if dep.source_deployment_id is None:
+        dep.config = build_snapshot(session, widget, dep.deployment_id)
+        dep.widget_version = widget.version
+    else:
+        source = find_deployment(session, dep.organization_id, dep.source_deployment_id)
+        problem = rollback_source_problem(source, dep)
+        if problem is not None or source is None or source.config is None:
+            return problem
+        dep.config = {**source.config, "deployment_id": dep.deployment_id}
+        dep.widget_version = source.widget_version
+    dep.content_checksum = content_checksum(dep.config)
+    return None
 
 
 def run_deployment(

@@ -6,6 +6,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from sqlalchemy import update
+from sqlmodel import Session, col
+
 from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, utcnow
 
 Job = Deployment | ArchiveJob
@@ -33,6 +38,22 @@ def start(job: Job) -> None:
 def finish(job: Job, status: str, error: str | None = None) -> None:
     now = utcnow()
     job.status, job.error, job.finished_at, job.updated_at = status, error, now, now
+
+
+def finish_unless_final(
+    session: Session, job: Job, status: str, error: str | None = None, **fields: Any
+) -> bool:
+    """:func:`finish` as one ``UPDATE`` of the job's row (with ``fields``), which locks it, and
+    only if it is not final yet: another delivery may have finished it since ``job`` was read.
+    False if it was (nothing written)."""
+    model = type(job)
+    now = utcnow()
+    result = session.connection().execute(
+        update(model)
+        .where(col(model.id) == job.id, col(model.status).not_in(FINAL_STATUSES))
+        .values(status=status, error=error, finished_at=now, updated_at=now, **fields)
+    )
+    return bool(result.rowcount)
 
 
 def back_to_ready(job: Job, error: str | None = None) -> None:

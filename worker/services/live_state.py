@@ -16,14 +16,14 @@ S3's conditional writes decide what the *file* is; these decide what the databas
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import literal_column, update
 from sqlmodel import Session, col, or_, select
 
 from worker.db import is_postgres
-from worker.models import ArchiveJob, Deployment, Widget
-from worker.services import job_state
-from worker.services.catalog_impact import prune_refs
+from worker.models import ArchiveJob, Deployment, Organization, Widget
+from worker.services.catalog_impact import org_for_freeze, prune_refs
 
 ARCHIVED_ERROR = "widget archived: deployments of an archived widget are not published"
 NOT_FOUND_ERROR = "widget not found (deleted, or not a widget of this organization)"
@@ -91,30 +91,90 @@ def load_widget(session: Session, organization_id: str, widget_id: str) -> Widge
     return session.exec(stmt.execution_options(populate_existing=True)).first()
 
 
+def _live_content_checksum() -> Any:
+    """Column: the content checksum of the deployment the widget row records as live."""
+    # Spelled out: SQLite's RETURNING is compiled with bare column names, which inside the
+    # subquery would name the deployments table's own (it has a live_deployment_id too).
+    widgets = Widget.__tablename__
+    return (
+        select(Deployment.content_checksum)
+        .where(
+            Deployment.organization_id == literal_column(f"{widgets}.organization_id"),
+            Deployment.deployment_id == literal_column(f"{widgets}.live_deployment_id"),
+        )
+        .scalar_subquery()
+    )
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The widget as one statement read it: with the content checksum of its live file and
+    (when frozen for a deploy) its organization's ``api_key``."""
+
+    widget: Widget
+    live_checksum: str | None
+    api_key: str = ""
+
+
+def load_with_live(session: Session, organization_id: str, widget_id: str) -> Loaded | None:
+    stmt = select(Widget, _live_content_checksum()).where(
+        Widget.id == widget_id, Widget.organization_id == organization_id
+    )
+    row = session.execute(stmt.execution_options(populate_existing=True)).first()
+    return None if row is None else Loaded(row[0], row[1])
+
+
+def take_sequence(session: Session, organization_id: str, widget_id: str) -> Loaded | None:
+    """One statement for a first freeze: the widget's next publish sequence taken
+    (``publish_seq``, by an ``UPDATE ... RETURNING`` that locks the widget row until commit),
+    returning the widget, its live file's content checksum and its organization's ``api_key``.
+    None: no such widget of this organization.
+
+    The UPDATE's lock is what makes sequence order snapshot order: the snapshot read *after*
+    it is at least as new as that of any smaller sequence (a PATCH or a catalog edit of the
+    widget waits for the lock, or committed before it). On PostgreSQL the organization is
+    share-locked by the same statement (:func:`catalog_impact.org_for_freeze`); SQLite's
+    transactions hold the database write lock from BEGIN, and its RETURNING cannot name a
+    joined table, so the ``api_key`` is a subquery there.
+    """
+    stmt = update(Widget).values(publish_seq=col(Widget.publish_seq) + 1)
+    if is_postgres(session):
+        org = org_for_freeze(organization_id)
+        stmt = stmt.where(col(Widget.id) == widget_id, col(Widget.organization_id) == org.c.id)
+        api_key: Any = org.c.api_key
+    else:
+        stmt = stmt.where(
+            col(Widget.id) == widget_id, col(Widget.organization_id) == organization_id
+        )
+        api_key = (
+            select(Organization.api_key).where(Organization.id == organization_id).scalar_subquery()
+        )
+    returning = stmt.returning(Widget, _live_content_checksum(), api_key)
+    row = session.execute(
+        returning, execution_options={"synchronize_session": False, "populate_existing": True}
+    ).first()
+    return None if row is None else Loaded(row[0], row[1], row[2])
+
+
 def read_state(
     session: Session,
     dep: Deployment,
-    loaded: tuple[Widget | None, str | None] | None = None,
+    loaded: tuple[Loaded | None, str | None] | None = None,
 ) -> WidgetState:
     """The widget's live state as frozen deployment ``dep`` must decide from. ``loaded``: the
-    widget and its gone reason, when this transaction already read them."""
+    widget (with its live checksum) and its gone reason, when this transaction read them."""
     assert dep.sequence is not None
     organization_id, widget_id = dep.organization_id, dep.widget_id
     if loaded is None:
-        widget = load_widget(session, organization_id, widget_id)
+        found = load_with_live(session, organization_id, widget_id)
+        widget = found.widget if found else None
         gone = gone_reason(session, organization_id, widget_id, widget)
     else:
-        widget, gone = loaded
-    if gone is not None or widget is None:
+        found, gone = loaded
+        widget = found.widget if found else None
+    if gone is not None or widget is None or found is None:
         return WidgetState(gone or NOT_FOUND_ERROR, Live(), None)
-    content = None
-    if widget.live_deployment_id is not None:
-        content = session.exec(
-            select(Deployment.content_checksum).where(
-                Deployment.organization_id == organization_id,
-                Deployment.deployment_id == widget.live_deployment_id,
-            )
-        ).first()
+    content = found.live_checksum
     # Newer than ``dep``: frozen with a higher sequence and not failed, or requested after it and
     # still waiting to be frozen (it will take a higher sequence). Publishing ``dep`` first would
     # only be overwritten: bursts coalesce into the newest request.
@@ -203,8 +263,3 @@ def others_frozen_above(session: Session, dep: Deployment, live_seq: int | None)
         col(Deployment.sequence) > (live_seq or 0),
     )
     return session.exec(stmt.limit(1)).first() is not None
-
-
-def finish_success(dep: Deployment, live_deployment_id: str | None) -> None:
-    dep.live_deployment_id = live_deployment_id
-    job_state.finish(dep, "success")

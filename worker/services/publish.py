@@ -90,6 +90,10 @@ def _read_state(dep: Deployment) -> WidgetState:
         return live_state.read_state(session, dep)
 
 
+class _CasLost(Exception):
+    """The compare-and-set of :func:`_commit` lost: its transaction is rolled back."""
+
+
 def _commit(
     dep: Deployment,
     cas: Cas | None,
@@ -98,19 +102,20 @@ def _commit(
     published: bool = False,
     checksum: str | None = None,
 ) -> DeployOutcome | None:
-    """Transaction 2: the compare-and-set (if any) and the deployment's ``success``, together.
-    None if the compare-and-set lost (decide again)."""
-    with unit_of_work("publish.record") as session:
-        row = find_deployment(session, dep.organization_id, dep.deployment_id, lock=True)
-        assert row is not None
-        if job_state.is_final(row):
-            return outcome(row)  # another delivery of this deployment finished it
-        if cas is not None and not cas(session, row):
-            return None
-        if checksum is not None:
-            row.checksum = checksum
-        live_state.finish_success(row, live)
-        return outcome(row, published)
+    """Transaction 2: the deployment's ``success`` and the compare-and-set (if any), together,
+    in two statements. None if the compare-and-set lost (nothing is written: decide again)."""
+    fields = {"live_deployment_id": live, **({"checksum": checksum} if checksum else {})}
+    try:
+        with unit_of_work("publish.record") as session:
+            if not job_state.finish_unless_final(session, dep, "success", **fields):
+                row = find_deployment(session, dep.organization_id, dep.deployment_id)
+                assert row is not None
+                return outcome(row)  # another delivery of this deployment finished it
+            if cas is not None and not cas(session, dep):
+                raise _CasLost
+    except _CasLost:
+        return None
+    return DeployOutcome(dep.deployment_id, "success", published, live)
 
 
 def _finish(dep: Deployment, live: str | None) -> DeployOutcome:

@@ -77,22 +77,21 @@ def _preferences(session: Session, widget: Widget) -> list[dict[str, Any]]:
     ids = list(widget.selected_preferences_ids)
     if not ids:
         return []
-    prefs = session.exec(
-        select(Preference).where(
-            col(Preference.id).in_(ids), Preference.organization_id == widget.organization_id
-        )
-    ).all()
-    values = session.exec(
-        select(PreferenceValue)
-        .where(col(PreferenceValue.preference_id).in_([p.id for p in prefs]))
+    # One statement: each preference with its values (a preference without values once).
+    rows = session.exec(
+        select(Preference, PreferenceValue)
+        .outerjoin(PreferenceValue, col(PreferenceValue.preference_id) == col(Preference.id))
+        .where(col(Preference.id).in_(ids), Preference.organization_id == widget.organization_id)
         .order_by(col(PreferenceValue.order), col(PreferenceValue.id))
     ).all()
+    by_id: dict[str, Preference] = {}
     values_by_pref: dict[str, list[dict[str, Any]]] = {}
-    for v in values:
-        values_by_pref.setdefault(v.preference_id, []).append(
-            {"id": v.id, "name": v.name, "metadata": v.metadata_, "order": v.order}
-        )
-    by_id = {p.id: p for p in prefs}
+    for p, v in rows:
+        by_id[p.id] = p
+        if v is not None:
+            values_by_pref.setdefault(p.id, []).append(
+                {"id": v.id, "name": v.name, "metadata": v.metadata_, "order": v.order}
+            )
     return [
         {
             "id": p.id,
