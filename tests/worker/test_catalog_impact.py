@@ -17,11 +17,8 @@ import pytest
 from tests.explorer.world import World
 from worker.db import unit_of_work
 from worker.models import Purpose, Widget, utcnow
-from worker.services.catalog_impact import (
-    add_snapshot_refs,
-    lock_for_freeze,
-    mark_embedding_widgets,
-)
+from worker.services.catalog_impact import add_snapshot_refs, mark_embedding_widgets
+from worker.services.live_state import take_sequence
 
 WAIT = 10.0  # bound on every wait below; the blocked side is given 0.5 s to show it waits
 BLOCKED_FOR = 0.5
@@ -69,10 +66,11 @@ def _edit(world: World) -> Callable[[Any], int]:
 
 
 def _freeze(world: World) -> Callable[[Any], str]:
-    """What a freeze does with the catalog: lock, read the item, write the snapshot's refs."""
+    """What a freeze does with the catalog: its first statement (the widget's sequence, and on
+    PostgreSQL the organization's share lock), read the item, write the snapshot's refs."""
 
     def body(session: Any) -> str:
-        assert lock_for_freeze(session, world.org_id) is not None
+        assert take_sequence(session, world.org_id, world.widget_id) is not None
         text = str(session.get(Purpose, world.purposes["p"]).description["en"])
         config = {"purposes": [{"id": world.purposes["p"]}]}
         add_snapshot_refs(session, world.org_id, world.widget_id, 1, config)
