@@ -17,6 +17,7 @@ SECTIONS = (
     "soak",
     "bursts",
     "statements",
+    "catalog",
 )
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -44,6 +45,7 @@ class Options:
     soak_repeat: int = 1
     soak_restart: bool = True  # a fresh worker for each soak run (not in --quick)
     burst: int = 100
+    catalog_widgets: tuple[int, int] = (100_000, 10_000)  # widgets, of which embedding the item
     floor_pings: int = 200
 
     def as_dict(self) -> dict[str, Any]:
@@ -86,6 +88,7 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument("--latency-deploys", type=int, help="deploys per latency repetition")
     p.add_argument("--listing-sizes", type=_pair, help="rows, e.g. 1000,100000")
     p.add_argument("--listing-requests", type=int, default=20, help="requests per list shape")
+    p.add_argument("--catalog-widgets", type=_pair, help="widgets,embedding (default 100000,10000)")
     p.add_argument("--cleanup-drafts", type=int, help="stale drafts (default 10000; quick 50)")
     p.add_argument("--soak", type=_pair, help="deploy checkpoints (default 1000,10000)")
     p.add_argument("--soak-pool", type=int, help="widgets the soak cycles through")
@@ -113,7 +116,9 @@ def parse(argv: list[str] | None = None) -> Options:
         o.soak, o.soak_pool, o.burst, o.floor_pings = (50, 200), 50, 10, 10
         o.soak_restart = False
         o.latency_deploys = 6
-    for name in ("n", "api_requests", "listing_sizes", "cleanup_drafts", "soak", "burst"):
+        o.catalog_widgets = (2_000, 200)
+    overridable = ("n", "api_requests", "listing_sizes", "cleanup_drafts", "soak", "burst")
+    for name in (*overridable, "catalog_widgets"):
         if getattr(a, name) is not None:
             setattr(o, name, getattr(a, name))
     if a.soak_pool is not None:

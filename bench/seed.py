@@ -8,6 +8,7 @@ value of its type, so seeding keeps working while the schema moves.
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -101,3 +102,47 @@ def insert_series(
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
+
+
+def insert_widgets(
+    org_id: str,
+    count: int,
+    *,
+    prefix: str,
+    at: dt.datetime,
+    purposes: list[str] | None = None,
+    start: int = 0,
+) -> None:
+    """``count`` draft widgets of the organization, ids ``prefix0``, ``prefix1``..., created and
+    last edited ``at``, selecting ``purposes``."""
+    is_pg = dialect() == "postgresql"
+    cast_text = "CAST(:prefix AS text)" if is_pg else ":prefix"
+    i_text = "i::text" if is_pg else "CAST(i AS TEXT)"
+    widgets = {
+        "id": f"{cast_text} || {i_text}",
+        "organization_id": ":org",
+        "name": f"'Seeded widget ' || {i_text}",
+        "format": "'embeddable'",
+        "template_id": "'sections'",
+        "headless": "false" if is_pg else "0",
+        "enabled_languages": json_param("langs"),
+        "default_language": "'en'",
+        "domain": "'www.example.com'",
+        "last_domain_used": "'www.example.com'",
+        "selected_purposes_ids": json_param("purposes"),
+        "selected_preferences_ids": json_param("empty_list"),
+        "components": json_param("components"),
+        "version": "1",
+        "created_at": ":at",
+        "updated_at": ":at",
+    }
+    params = {
+        "org": org_id,
+        "prefix": prefix,
+        "langs": json.dumps(["en", "fr"]),
+        "purposes": json.dumps(purposes or []),
+        "empty_list": "[]",
+        "components": json.dumps({"theme": {"color": "#1f6feb"}, "sections": []}),
+        "at": at,
+    }
+    insert_series("widgets", widgets, count, params, start=start, datetimes=("at",))

@@ -5,7 +5,6 @@ peak resident memory of the worker's process tree meanwhile."""
 from __future__ import annotations
 
 import datetime as dt
-import json
 import time
 import uuid
 from typing import Any
@@ -102,34 +101,4 @@ class _Run:
 
 def _insert_drafts(org_id: str, count: int, retention: int) -> None:
     old = dt.datetime.now(dt.UTC) - dt.timedelta(days=retention + 10)
-    prefix = f"draft-{uuid.uuid4().hex[:8]}-"
-    is_pg = seed.dialect() == "postgresql"
-    cast_text = "CAST(:prefix AS text)" if is_pg else ":prefix"
-    i_text = "i::text" if is_pg else "CAST(i AS TEXT)"
-    widgets = {
-        "id": f"{cast_text} || {i_text}",
-        "organization_id": ":org",
-        "name": f"'Stale draft ' || {i_text}",
-        "format": "'embeddable'",
-        "template_id": "'sections'",
-        "headless": "false" if is_pg else "0",
-        "enabled_languages": seed.json_param("langs"),
-        "default_language": "'en'",
-        "domain": "'www.example.com'",
-        "last_domain_used": "'www.example.com'",
-        "selected_purposes_ids": seed.json_param("empty_list"),
-        "selected_preferences_ids": seed.json_param("empty_list"),
-        "components": seed.json_param("components"),
-        "version": "1",
-        "created_at": ":old",
-        "updated_at": ":old",
-    }
-    params = {
-        "org": org_id,
-        "prefix": prefix,
-        "langs": json.dumps(["en", "fr"]),
-        "empty_list": "[]",
-        "components": json.dumps({"theme": {"color": "#1f6feb"}, "sections": []}),
-        "old": old,
-    }
-    seed.insert_series("widgets", widgets, count, params, datetimes=("old",))
+    seed.insert_widgets(org_id, count, prefix=f"draft-{uuid.uuid4().hex[:8]}-", at=old)
