@@ -1,6 +1,7 @@
 """Section 2, deploys end to end: N deploys of N fresh widgets through the API and through a
 plain Celery producer, timed until every one is final; deploys/s against the PUT floors, CPU
-per deploy per process group (/proc, whole process trees), failures."""
+per deploy per process group (/proc, whole process trees), failures; the worker's memory (all
+its processes) idle and at its peak under that load."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from bench.sections import Context
 from bench.stats import Figure, ratio
 
 PATHS = ("API", "producer")
+MiB = 1024 * 1024
 
 
 def run(ctx: Context) -> SectionResult:
@@ -25,7 +27,14 @@ def run(ctx: Context) -> SectionResult:
     rate = {path: Figure() for path in PATHS}
     cpu: dict[str, dict[str, Figure]] = {path: {} for path in PATHS}
     failures = {path: Figure() for path in PATHS}
+    memory = {k: Figure() for k in ("idle RSS", "idle PSS", "peak RSS under load", "processes")}
+    worker_pid = ctx.stack.pid("worker")
     for rep in range(ctx.opts.repeat):
+        if worker_pid is not None:
+            pids = procstat.tree(worker_pid)
+            memory["idle RSS"].add(procstat.rss_bytes(pids) / MiB)
+            memory["idle PSS"].add(procstat.pss_bytes(pids) / MiB)
+            memory["processes"].add(len(pids))
         widgets = {path: ctx.api.create_widgets(orgs[path], n) for path in PATHS}
         for path in PATHS:
             ctx.say(f"{n} deploys via {path}, repetition {rep + 1}")
@@ -33,12 +42,14 @@ def run(ctx: Context) -> SectionResult:
             done0, failed0 = fixtures.final_counts(org.id)
             cpu0 = ctx.cpu()
             t0 = time.monotonic()
-            if path == "API":
-                asyncio.run(post_deploys(ctx, org, widgets[path], ctx.opts.clients))
-            else:
-                for widget in widgets[path]:
-                    fixtures.send_deploy(org.id, widget)
-            end = fixtures.wait_final(org.id, done0 + n, timeout=max(120.0, n * 2.0))
+            with procstat.PeakRss(lambda: ctx.stack.pid("worker")) as peak:
+                if path == "API":
+                    asyncio.run(post_deploys(ctx, org, widgets[path], ctx.opts.clients))
+                else:
+                    for widget in widgets[path]:
+                        fixtures.send_deploy(org.id, widget)
+                end = fixtures.wait_final(org.id, done0 + n, timeout=max(120.0, n * 2.0))
+            memory["peak RSS under load"].add(peak.peak / MiB)
             used = procstat.cpu_delta(cpu0, ctx.cpu())
             rate[path].add(n / (end - t0))
             for group, seconds in used.items():
@@ -55,6 +66,8 @@ def run(ctx: Context) -> SectionResult:
         if "postgres" not in cpu[path]:
             res.add(f"{path}: CPU database", None, "ms/deploy", "n/a (SQLite, in-process)")
         res.add(f"{path}: failures", failures[path], "deploys")
+    for what, fig in memory.items():
+        res.add(f"worker {what}", fig, "processes" if what == "processes" else "MiB")
     if not floors:
         res.notes.append("no PUT floors in this run (section floors not selected): no ratios")
     res.notes.append(
