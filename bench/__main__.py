@@ -57,7 +57,9 @@ def _header(opts: Options, stack: Stack, info: dict[str, object]) -> str:
     latency = f"{opts.s3_latency_ms:g} ms" if opts.s3_latency_ms else "none"
     return (
         f"bench: {stack.backend}, S3 latency {latency}, n={opts.n}, repeat={opts.repeat}"
-        f"{', quick' if opts.quick else ''} | {info['cpu_count']} x {info['cpu_model']} | "
+        f"{', quick' if opts.quick else ''}"
+        f"{', worker ' + ' '.join(opts.worker_args) if opts.worker_args else ''}"
+        f" | {info['cpu_count']} x {info['cpu_model']} | "
         f"commit {str(info['git_commit'])[:10]}{' (dirty)' if info['git_dirty'] else ''}"
     )
 
@@ -67,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     info = report.machine()
     started = time.monotonic()
-    stack = Stack(opts.postgres, opts.s3_latency_ms)
+    stack = Stack(opts.postgres, opts.s3_latency_ms, opts.worker_args)
     results: list[SectionResult] = []
     failed = False
     api: Api | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ class Options:
     soak_repeat: int = 1
     soak_restart: bool = True  # a fresh worker for each soak run (not in --quick)
     burst: int = 100
+    worker_args: tuple[str, ...] = ()  # e.g. ("--pool", "threads", "--concurrency", "32")
     catalog_widgets: tuple[int, int] = (100_000, 10_000)  # widgets, of which embedding the item
     floor_pings: int = 200
 
@@ -88,6 +90,12 @@ def parse(argv: list[str] | None = None) -> Options:
     p.add_argument("--latency-deploys", type=int, help="deploys per latency repetition")
     p.add_argument("--listing-sizes", type=_pair, help="rows, e.g. 1000,100000")
     p.add_argument("--listing-requests", type=int, default=20, help="requests per list shape")
+    p.add_argument(
+        "--worker-args",
+        default="",
+        help="extra worker arguments, to compare with its defaults: "
+        "--worker-args='--pool threads --concurrency 32'",
+    )
     p.add_argument("--catalog-widgets", type=_pair, help="widgets,embedding (default 100000,10000)")
     p.add_argument("--cleanup-drafts", type=int, help="stale drafts (default 10000; quick 50)")
     p.add_argument("--soak", type=_pair, help="deploy checkpoints (default 1000,10000)")
@@ -110,6 +118,7 @@ def parse(argv: list[str] | None = None) -> Options:
         rate=a.rate,
         listing_requests=a.listing_requests,
         soak_repeat=a.soak_repeat,
+        worker_args=tuple(shlex.split(a.worker_args)),
     )
     if a.quick:
         o.n, o.api_requests, o.listing_sizes, o.cleanup_drafts = 10, 32, (100, 2_000), 50

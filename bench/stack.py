@@ -41,7 +41,13 @@ _DROP_ENV = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_END
 
 
 class Stack:
-    def __init__(self, postgres_admin_url: str | None, s3_latency_ms: float) -> None:
+    def __init__(
+        self,
+        postgres_admin_url: str | None,
+        s3_latency_ms: float,
+        worker_args: tuple[str, ...] = (),
+    ) -> None:
+        self.worker_args = worker_args
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
         self.postgres_admin_url = postgres_admin_url
         self.s3_latency_ms = s3_latency_ms
@@ -165,8 +171,18 @@ class Stack:
         return self.wait_uvicorn(name, self.spawn_uvicorn(name, app))
 
     def spawn_worker(self) -> None:
-        # No --concurrency or --pool: the project's defaults are what is measured.
-        self._spawn("worker", str(BIN_DIR / "celery"), "-A", "worker", "worker", "-l", "WARNING")
+        # No --concurrency or --pool: the project's defaults are what is measured, unless the
+        # run asks for an alternative (--worker-args) to compare with them.
+        self._spawn(
+            "worker",
+            str(BIN_DIR / "celery"),
+            "-A",
+            "worker",
+            "worker",
+            "-l",
+            "WARNING",
+            *self.worker_args,
+        )
 
     def wait_worker(self) -> None:
         from worker.celery import app
