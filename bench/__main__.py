@@ -8,9 +8,9 @@ Starts its own Redis, moto S3 behind a counting/latency proxy (``bench.latency_p
 traffic of the run goes through it), a database (SQLite in a temp dir, or a fresh database
 created on ``--postgres`` and dropped at the end), the API and a worker with the project's
 defaults. Sections (``--only``, all by default): floors, deploys, latency, api, listing
-(PostgreSQL only), cleanup, soak, bursts, statements, catalog; see ``bench/sections/``.
-Every figure is the median of ``--repeat`` (>= 3) repetitions, shown with min-max; ratios pair
-figures of the same run.
+(PostgreSQL only), cleanup, soak, bursts, statements, catalog, bulk; see
+``bench/sections/``. Every figure is the median of ``--repeat`` (>= 3) repetitions, shown with
+min-max; ratios pair figures of the same run.
 
 Prints one table and writes the same figures as JSON (``--json``, default
 ``bench/results/latest.json``) with the machine, the commit and the options. Everything it
@@ -46,6 +46,7 @@ TITLES = {
     "bursts": "bursts of one widget",
     "statements": "statements per deploy",
     "catalog": "catalog edit at scale",
+    "bulk": "bulk redeploy vs single deploys",
 }
 
 

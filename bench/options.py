@@ -19,6 +19,7 @@ SECTIONS = (
     "bursts",
     "statements",
     "catalog",
+    "bulk",
 )
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -47,6 +48,7 @@ class Options:
     soak_restart: bool = True  # a fresh worker for each soak run (not in --quick)
     burst: int = 100
     worker_args: tuple[str, ...] = ()  # e.g. ("--pool", "threads", "--concurrency", "32")
+    bulk_widgets: int = 10_000
     catalog_widgets: tuple[int, int] = (100_000, 10_000)  # widgets, of which embedding the item
     floor_pings: int = 200
 
@@ -96,6 +98,7 @@ def parse(argv: list[str] | None = None) -> Options:
         help="extra worker arguments, to compare with its defaults: "
         "--worker-args='--pool threads --concurrency 32'",
     )
+    p.add_argument("--bulk-widgets", type=int, help="widgets per bulk (default 10000; quick 30)")
     p.add_argument("--catalog-widgets", type=_pair, help="widgets,embedding (default 100000,10000)")
     p.add_argument("--cleanup-drafts", type=int, help="stale drafts (default 10000; quick 50)")
     p.add_argument("--soak", type=_pair, help="deploy checkpoints (default 1000,10000)")
@@ -126,8 +129,9 @@ def parse(argv: list[str] | None = None) -> Options:
         o.soak_restart = False
         o.latency_deploys = 6
         o.catalog_widgets = (2_000, 200)
+        o.bulk_widgets = 30
     overridable = ("n", "api_requests", "listing_sizes", "cleanup_drafts", "soak", "burst")
-    for name in (*overridable, "catalog_widgets"):
+    for name in (*overridable, "catalog_widgets", "bulk_widgets"):
         if getattr(a, name) is not None:
             setattr(o, name, getattr(a, name))
     if a.soak_pool is not None:

@@ -225,17 +225,19 @@ class ChaosS3Proxy:
         if fault in ("500", "503"):
             status = int(fault)
             payload = _ERROR_XML.format(code=_ERROR_CODES[status]).encode()
+            # Counted before the client can see the answer (here and below): a test that reads
+            # the counters once its client is done never misses a request counted late.
+            self._count(h, path, status, fault)
             h.send_response(status)
             h.send_header("Content-Type", "application/xml")
             h.send_header("Content-Length", str(len(payload)))
             h.end_headers()
             if method != "HEAD":
                 h.wfile.write(payload)
-            self._count(h, path, status, fault)
             return
         if fault == "drop":
-            self._drop(h)
             self._count(h, path, DROPPED, fault)
+            self._drop(h)
             return
 
         headers = {k: v for k, v in h.headers.items() if k.lower() not in _HOP_BY_HOP}
@@ -260,8 +262,8 @@ class ChaosS3Proxy:
             conn.close()
 
         if fault == "drop-after":  # S3 did the work; the client never hears of it
-            self._drop(h)
             self._count(h, path, DROPPED, fault)
+            self._drop(h)
             return
         self._hold(method)
         h.send_response(resp.status)

@@ -44,12 +44,14 @@ class FaultyS3Proxy:
                 fault = proxy._take_fault(self.command)
                 if fault is not None:
                     payload = _ERROR_XML.format(code=_CODES.get(fault, "InternalError")).encode()
+                    # Recorded before the answer goes out: a client that has its answer (and a
+                    # test that then clears the log) never sees the request recorded late.
+                    proxy._record(self.command, self.path, fault)
                     self.send_response(fault)
                     self.send_header("Content-Type", "application/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
-                    proxy._record(self.command, self.path, fault)
                     return
                 conn = http.client.HTTPConnection(
                     proxy.upstream_host, proxy.upstream_port, timeout=30
@@ -58,6 +60,8 @@ class FaultyS3Proxy:
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
                 data = resp.read()
+                conn.close()
+                proxy._record(self.command, self.path, resp.status)  # before the answer: above
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
                     if key.lower() not in ("transfer-encoding", "connection", "content-length"):
@@ -66,8 +70,6 @@ class FaultyS3Proxy:
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)
-                conn.close()
-                proxy._record(self.command, self.path, resp.status)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
