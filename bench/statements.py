@@ -8,6 +8,7 @@ pre-ping) is not counted at all.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -43,11 +44,16 @@ def _summary(sql: str) -> str:
 
 
 @contextmanager
-def counting(engine: Engine) -> Iterator[Statements]:
-    """Count what ``engine`` (and its ``execution_options`` copies) sends inside the block."""
+def counting(engine: Engine, *, this_thread: bool = False) -> Iterator[Statements]:
+    """Count what ``engine`` (and its ``execution_options`` copies) sends inside the block;
+    with ``this_thread``, only what the calling thread sends (other threads of the process,
+    e.g. an in-process Celery worker, may use the same engine meanwhile)."""
     seen = Statements()
+    caller = threading.get_ident()
 
     def on_execute(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if this_thread and threading.get_ident() != caller:
+            return
         head = statement.lstrip().upper()
         if head.startswith(_CONTROL):
             if head.startswith("BEGIN"):
@@ -57,11 +63,14 @@ def counting(engine: Engine) -> Iterator[Statements]:
             seen.sent.append(_summary(statement))
 
     def on_begin(conn: Any) -> None:
+        if this_thread and threading.get_ident() != caller:
+            return
         if conn.dialect.name != "sqlite":  # SQLite's BEGIN is an explicit statement (worker.db)
             seen.begins += 1
 
     def on_commit(_conn: Any) -> None:
-        seen.commits += 1
+        if not this_thread or threading.get_ident() == caller:
+            seen.commits += 1
 
     event.listen(engine, "before_cursor_execute", on_execute)
     event.listen(engine, "begin", on_begin)

@@ -34,7 +34,7 @@ def run(ctx: Context) -> SectionResult:
         dep = Deployment(organization_id=org.id, widget_id=widget_id, enqueued_at=utcnow())
         with unit_of_work() as session:
             session.add(dep)
-        with counting(get_engine()) as seen:
+        with counting(get_engine(), this_thread=True) as seen:
             done = run_deployment(org.id, widget_id, dep.deployment_id, store=get_store)
         if done.status != "success":
             raise RuntimeError(f"deploy {dep.deployment_id} ended {done}")

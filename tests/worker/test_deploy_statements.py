@@ -40,7 +40,7 @@ def _queue(org_id: str, widget_id: str) -> str:
 
 def _deploy(org: Any, widget_id: str) -> Statements:
     dep_id = _queue(org.id, widget_id)
-    with counting(get_engine()) as seen:
+    with counting(get_engine(), this_thread=True) as seen:
         done = run_deployment(org.id, widget_id, dep_id, store=get_store)
     assert done.status == "success", done
     return seen
