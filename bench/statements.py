@@ -23,8 +23,8 @@ _NOT_COUNTED = ("PRAGMA", "SELECT 1")  # connection set-up, pool pre-ping
 
 @dataclass
 class Statements:
-    """What was sent: the statements (first words, for a readable breakdown), and the number of
-    transactions begun and committed."""
+    """What was sent: the statements (whitespace collapsed, for a readable breakdown), and the
+    number of transactions begun and committed."""
 
     sent: list[str] = field(default_factory=list)
     begins: int = 0
@@ -38,11 +38,6 @@ class Statements:
         return "\n".join(f"  {i + 1:2}. {s}" for i, s in enumerate(self.sent))
 
 
-def _summary(sql: str) -> str:
-    words = " ".join(sql.split())
-    return words
-
-
 @contextmanager
 def counting(engine: Engine, *, this_thread: bool = False) -> Iterator[Statements]:
     """Count what ``engine`` (and its ``execution_options`` copies) sends inside the block;
@@ -51,8 +46,11 @@ def counting(engine: Engine, *, this_thread: bool = False) -> Iterator[Statement
     seen = Statements()
     caller = threading.get_ident()
 
+    def counted() -> bool:
+        return not this_thread or threading.get_ident() == caller
+
     def on_execute(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if this_thread and threading.get_ident() != caller:
+        if not counted():
             return
         head = statement.lstrip().upper()
         if head.startswith(_CONTROL):
@@ -60,16 +58,15 @@ def counting(engine: Engine, *, this_thread: bool = False) -> Iterator[Statement
                 seen.begins += 1
             return
         if not head.startswith(_NOT_COUNTED):
-            seen.sent.append(_summary(statement))
+            seen.sent.append(" ".join(statement.split()))
 
     def on_begin(conn: Any) -> None:
-        if this_thread and threading.get_ident() != caller:
-            return
-        if conn.dialect.name != "sqlite":  # SQLite's BEGIN is an explicit statement (worker.db)
+        # SQLite's BEGIN is an explicit statement (worker.db), counted by on_execute.
+        if counted() and conn.dialect.name != "sqlite":
             seen.begins += 1
 
     def on_commit(_conn: Any) -> None:
-        if not this_thread or threading.get_ident() == caller:
+        if counted():
             seen.commits += 1
 
     event.listen(engine, "before_cursor_execute", on_execute)
