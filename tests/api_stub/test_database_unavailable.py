@@ -236,10 +236,10 @@ def test_connection_stays_usable_after_503s(server, org, monkeypatch: pytest.Mon
     key_check = edge.check_key_active
     failing = threading.Event()
 
-    def check_key_active(session: Any, claims: dict[str, Any]) -> None:
+    def check_key_active(session: Any, claims: dict[str, Any]) -> Any:
         if failing.is_set():
             raise PoolTimeoutError("QueuePool limit of size 5 overflow 5 reached, timed out")
-        key_check(session, claims)
+        return key_check(session, claims)  # the organization the route then reuses
 
     # A stand-in fault: a pool that times out at exactly the edge's key check, request after
     # request, cannot be caused deterministically from outside. Real lost, hung and busy
