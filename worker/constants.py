@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 DEPLOY_TASK = "widgets.deploy"
+DEPLOY_CHUNK_TASK = "widgets.deploy_chunk"
 ARCHIVE_TASK = "widgets.archive"
 CLEANUP_TASK = "widgets.cleanup_drafts"
 RECONCILE_TASK = "widgets.reconcile"
@@ -18,6 +19,7 @@ QUEUES = (DEPLOY_QUEUE, ARCHIVE_QUEUE, MAINTENANCE_QUEUE, DEFAULT_CELERY_QUEUE)
 
 TASK_ROUTES = {
     DEPLOY_TASK: {"queue": DEPLOY_QUEUE},
+    DEPLOY_CHUNK_TASK: {"queue": DEPLOY_QUEUE},
     BULK_DEPLOY_TASK: {"queue": DEPLOY_QUEUE},
     ARCHIVE_TASK: {"queue": ARCHIVE_QUEUE},
     CLEANUP_TASK: {"queue": MAINTENANCE_QUEUE},

@@ -129,7 +129,7 @@ def _note_outcome(ok: bool) -> None:
         _down_until = 0.0 if ok else time.monotonic() + BROKER_DOWN_COOLDOWN
 
 
-def _send(task: str, kwargs: dict[str, str]) -> bool:
+def _send(task: str, kwargs: dict[str, Any]) -> bool:
     if broker_presumed_down():
         log.warning("broker presumed down; not enqueuing %s %s (the reconciler will)", task, kwargs)
         return False
@@ -161,6 +161,14 @@ def send_deploy(organization_id: str, widget_id: str, deployment_id: str) -> boo
             "widget_id": widget_id,
             "deployment_id": deployment_id,
         },
+    )
+
+
+def send_deploy_chunk(organization_id: str, items: list[tuple[str, str]]) -> bool:
+    """One message for several deployments (``[widget_id, deployment_id]`` each)."""
+    return _send(
+        c.DEPLOY_CHUNK_TASK,
+        {"organization_id": organization_id, "items": [[w, d] for w, d in items]},
     )
 
 
@@ -260,6 +268,12 @@ def _note(jobs: BrokerJobs, envelope: Any) -> None:
         org_id, dep_id = kwargs.get("organization_id"), kwargs.get("deployment_id")
         if isinstance(org_id, str) and isinstance(dep_id, str):
             jobs.deployments.add((org_id, dep_id))
+    elif task == c.DEPLOY_CHUNK_TASK:
+        org_id, items = kwargs.get("organization_id"), kwargs.get("items")
+        if isinstance(org_id, str) and isinstance(items, list):
+            for item in items:
+                if isinstance(item, list) and len(item) == 2 and isinstance(item[1], str):
+                    jobs.deployments.add((org_id, item[1]))
     elif task == c.ARCHIVE_TASK:
         if isinstance(kwargs.get("archive_job_id"), str):
             jobs.archives.add(kwargs["archive_job_id"])
@@ -283,11 +297,12 @@ def _queue_keys(queues: Iterable[str]) -> list[str]:
 
 
 def jobs_in_broker(queues: Iterable[str] = c.QUEUES) -> BrokerJobs:
-    """Scan the broker for deploy, archive and bulk messages: the queues' lists first, then the
-    messages delivered and not yet acknowledged. Lists are read from their head (where new
-    messages are pushed) in chunks; workers pop from the tail, so a message is never skipped by
-    a concurrent pop, and one that moves from a list to the unacknowledged set during the scan is
-    seen in one or the other. Raises ``redis.RedisError`` if the broker cannot be read."""
+    """Scan the broker for deploy (single and chunk), archive and bulk messages: the queues'
+    lists first, then the messages delivered and not yet acknowledged. Lists are read from their
+    head (where new messages are pushed) in chunks; workers pop from the tail, so a message is
+    never skipped by a concurrent pop, and one that moves from a list to the unacknowledged set
+    during the scan is seen in one or the other. Raises ``redis.RedisError`` if the broker
+    cannot be read."""
     jobs = BrokerJobs()
     client = redis.Redis.from_url(
         str(get_settings().celery_broker_url),

@@ -63,6 +63,8 @@ def run(ctx: Context) -> SectionResult:
         res.add(f"S3 PUT {label}: p50", p50, "ms")
         res.add(f"S3 PUT {label}: p99", p99, "ms")
         res.add(f"S3 PUT {label}: client CPU", cpu, "ms/PUT")
+        if label == "32 in flight":
+            ctx.shared["put_client_cpu"] = cpu
 
     db = Figure()
     for rep in range(opts.repeat):

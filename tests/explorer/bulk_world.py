@@ -56,8 +56,8 @@ class BulkWorld:
         """``widgets.bulk_deploy`` as the task runs it, one widget per slice so that every
         continuation is a step of the schedule; the next message is run by the same actor."""
 
-        def send(organization_id: str, widget_id: str, deployment_id: str) -> None:
-            self.sent.append(deployment_id)
+        def send(organization_id: str, chunk: list[tuple[str, str]]) -> None:
+            self.sent.extend(deployment_id for _, deployment_id in chunk)
 
         def program() -> None:
             while not bulk.fan_out(self.bulk_id, send, batch=1, max_batches=1).done:

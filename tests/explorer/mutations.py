@@ -112,17 +112,28 @@ MUTATIONS.append(
         "bulk-cursor-before-sends",
         "bulk: a crash between cursor and sends loses deploys",
         "worker/services/bulk.py",
-        "        for widget_id, deployment_id in ready:"
-        "  # after the commit, outside any transaction\n"
-        "            send(organization_id, widget_id, deployment_id)\n"
-        "            sent += 1\n"
+        "        for chunk in chunks(ready):  # after the commit, outside any transaction\n"
+        "            send(organization_id, chunk)\n"
+        "            sent += len(chunk)\n"
         "        _advance(bulk_id, cursor)\n",
         "        _advance(bulk_id, cursor)\n"
-        "        for widget_id, deployment_id in ready:\n"
-        "            send(organization_id, widget_id, deployment_id)\n"
-        "            sent += 1\n",
+        "        for chunk in chunks(ready):\n"
+        "            send(organization_id, chunk)\n"
+        "            sent += len(chunk)\n",
         "tests/explorer/test_interleavings.py::"
         "test_every_interleaving_of_a_bulk_fan_out_keeps_its_invariants",
+    )
+)
+
+# Not one of the seven: a bulk redeploy's chunk must hand back what it could not finish.
+MUTATIONS.append(
+    Mutation(
+        "chunk-drops-what-it-cannot-finish",
+        "chunk: a deployment whose upload failed is left running",
+        "worker/services/deploy_chunk.py",
+        "        hand_back(organization_id, widget_of[deployment_id], deployment_id)\n",
+        "",
+        f"{EXPLORER}[chunk-vs-edit-and-deploy]",
     )
 )
 

@@ -74,6 +74,12 @@ def _deploy(name: str = "deploy", runs: int = 3) -> Actors:
     return actors
 
 
+def _chunk(world: World, run: Run, store: Callable[[], Any]) -> None:
+    dep = world.queue()
+    job = world.chunk_job(dep, store, run)
+    run.spawn("chunk", job, redeliver=job)
+
+
 def _with(*parts: Actors) -> Actors:
     def actors(world: World, run: Run, store: Callable[[], Any]) -> None:
         for part in parts:
@@ -194,6 +200,27 @@ SCENARIOS = [
         Faults(hold=frozenset({"deploy"})),
     ),
 ]
+
+# A bulk redeploy's chunk (frozen in one transaction, handed back to a single deploy when its
+# upload fails) while the widget is edited and deployed on its own; the chunk may die, or its
+# upload lose its answer (then the single deploy it is handed to finishes it).
+CHUNK_SCENARIOS = [
+    Scenario(
+        "chunk-vs-edit-and-deploy",
+        _published("B"),
+        _with(_chunk, _edit_and_deploy),
+        Faults(crash=frozenset({"chunk"}), lose_answer=frozenset({"chunk"})),
+        preemptions=2,
+    ),
+    Scenario(
+        "chunk-vs-archive",
+        _published("B"),
+        _with(_chunk, _archive),
+        Faults(crash=frozenset({"chunk", "archive"})),
+        preemptions=2,
+    ),
+]
+SCENARIOS += CHUNK_SCENARIOS
 
 EXHAUSTIVE_LIMIT = 20_000
 RANDOM_SCHEDULES = int(os.environ.get("EXPLORER_RANDOM_SCHEDULES", "60"))

@@ -11,6 +11,7 @@ single deploys). Slices run one after the other, as the chain of messages runs t
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from worker import producer
 from worker.db import get_engine, unit_of_work
 from worker.ids import new_id
 from worker.models import BulkJob, Deployment, Organization, Widget, utcnow
-from worker.services import bulk
+from worker.services import bulk, deploy_chunk
 
 WIDGETS = int(os.environ.get("BULK_SCALE_WIDGETS", "2000"))
 SCALE_REDIS_DB = 13
@@ -90,7 +91,7 @@ def test_every_slice_of_a_large_fan_out_fits_well_inside_the_soft_time_limit(iso
     started = time.monotonic()
     while True:
         t0 = time.monotonic()
-        done = bulk.fan_out(bulk_id, producer.send_deploy)
+        done = bulk.fan_out(bulk_id, producer.send_deploy_chunk)
         slices.append((done, time.monotonic() - t0))
         if done.batches:
             batch_seconds.append(slices[-1][1] / done.batches)
@@ -110,8 +111,12 @@ def test_every_slice_of_a_large_fan_out_fits_well_inside_the_soft_time_limit(iso
         assert job is not None
     assert made == distinct == WIDGETS
     assert job.fanned_out_at is not None
+    # Every deployment sent for real, in chunk messages (not one message per widget).
+    in_broker = producer.jobs_in_broker((c.DEPLOY_QUEUE,))
+    assert len({d for o, d in in_broker.deployments if o == org.id}) == WIDGETS
     queued = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).llen(c.DEPLOY_QUEUE)
-    assert queued == WIDGETS  # one deploy message per widget, sent for real
+    batches = math.ceil(WIDGETS / bulk.BATCH)
+    assert queued <= batches * math.ceil(bulk.BATCH / deploy_chunk.CHUNK), queued
 
     longest = max(seconds for _, seconds in slices)
     per_widget = total / WIDGETS

@@ -98,7 +98,7 @@ def test_a_fan_out_whose_message_was_lost_after_a_slice_is_resumed(database, org
         bulk_id = bulk.create(s, org.id, {"widget_ids": widgets}, "test", "resume").id
     # One slice of two widgets, run here as a worker would (its deploys are sent for real);
     # then its worker died and the broker lost the message: no next slice was ever sent.
-    first = bulk.fan_out(bulk_id, producer.send_deploy, batch=2, max_batches=1)
+    first = bulk.fan_out(bulk_id, producer.send_deploy_chunk, batch=2, max_batches=1)
     assert (first.sent, first.done) == (2, False)
     assert not producer.jobs_in_broker().has_bulk(bulk_id)
     assert len(deployments(bulk_id)) == 2

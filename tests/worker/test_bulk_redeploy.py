@@ -46,7 +46,7 @@ def progress(bulk_id: str) -> bulk.Progress:
         return bulk.progress(s, job)
 
 
-def fan_out_all(bulk_id: str, send: bulk.Send, **limits: Any) -> list[Slice]:
+def fan_out_all(bulk_id: str, send: bulk.SendChunk, **limits: Any) -> list[Slice]:
     """Run slices until the job is finished, as the chain of messages would."""
     slices = [bulk.fan_out(bulk_id, send, **limits)]
     while not slices[-1].done:
@@ -59,16 +59,18 @@ def test_fan_out_resumed_after_a_crash_creates_no_second_deployment(database, or
     bulk_id = new_job(org.id, {"widget_ids": widgets})
     sent: list[str] = []
 
-    def crashing_send(_org: str, _widget: str, dep_id: str) -> None:
-        if len(sent) == 6:
+    def crashing_send(_org: str, chunk: list[tuple[str, str]]) -> None:
+        if len(sent) >= 4:  # the second batch's chunk
             raise Crash
-        sent.append(dep_id)
+        sent.extend(d for _, d in chunk)
 
     with pytest.raises(Crash):
         bulk.fan_out(bulk_id, crashing_send, batch=4)  # several batches with few widgets
     assert 0 < len(rows(bulk_id)) < 10  # it died half-way through
-    fan_out_all(bulk_id, lambda _o, _w, d: sent.append(d), batch=4)
-    again = bulk.fan_out(bulk_id, lambda _o, _w, d: sent.append(d), batch=4)  # a redelivery
+    fan_out_all(bulk_id, lambda _o, chunk: sent.extend(d for _, d in chunk), batch=4)
+    again = bulk.fan_out(
+        bulk_id, lambda _o, chunk: sent.extend(d for _, d in chunk), batch=4
+    )  # a redelivery
     assert again == Slice(sent=0, batches=0, done=True)
     made = rows(bulk_id)
     assert sorted(d.widget_id for d in made) == sorted(widgets)  # one each, no more
@@ -150,8 +152,8 @@ def test_a_slice_is_bounded_by_its_batches_and_its_time_budget(database, org):
     bulk_id = new_job(org.id, {"widget_ids": widgets})
     sent: list[str] = []
 
-    def send(_org: str, widget_id: str, _dep: str) -> None:
-        sent.append(widget_id)
+    def send(_org: str, chunk: list[tuple[str, str]]) -> None:
+        sent.extend(w for w, _ in chunk)
 
     first = bulk.fan_out(bulk_id, send, batch=2, max_batches=2)
     assert first == Slice(sent=4, batches=2, done=False)

@@ -346,7 +346,7 @@ def backlog_broker(services: dict[str, Any]) -> Iterator[str]:
         client.close()
 
 
-def _send_raw(conn: Any, task: str, queue: str, **kwargs: str) -> None:
+def _send_raw(conn: Any, task: str, queue: str, **kwargs: Any) -> None:
     app.send_task(task, kwargs=kwargs, queue=queue, connection=conn)
 
 
@@ -360,6 +360,7 @@ def test_ready_jobs_without_a_message_are_resent_even_behind_a_backlog(
     in_backlog = add_job(Deployment, fresh_org, status="ready", enqueued_at=old)
     held = add_job(Deployment, fresh_org, status="ready", enqueued_at=old, error="retrying: x")
     never_sent = add_job(Deployment, fresh_org, status="ready", enqueued_at=old)
+    in_chunk = add_job(Deployment, fresh_org, status="ready", enqueued_at=old)  # a bulk's
     being_sent = add_job(Deployment, fresh_org, status="ready", enqueued_at=now)
     archive_lost = add_job(ArchiveJob, fresh_org, status="ready", enqueued_at=old)
     archive_queued = add_job(ArchiveJob, fresh_org, status="ready", enqueued_at=old)
@@ -403,6 +404,14 @@ def test_ready_jobs_without_a_message_are_resent_even_behind_a_backlog(
                 widget_id=new_id(),
                 deployment_id=new_id(),
             )
+        # One message for several deployments (a bulk redeploy's chunk) holds each of them.
+        _send_raw(
+            conn,
+            c.DEPLOY_CHUNK_TASK,
+            c.DEPLOY_QUEUE,
+            organization_id=fresh_org,
+            items=[[new_id(), new_id()], [in_chunk.widget_id, in_chunk.deployment_id]],
+        )
         # Delivered to a worker that holds it (a retry waiting for its countdown): unacked.
         _send_raw(conn, c.DEPLOY_TASK, c.ARCHIVE_QUEUE, **_deploy_kwargs(held))
         # An archive sent by a producer that gives only the widget.
@@ -418,7 +427,7 @@ def test_ready_jobs_without_a_message_are_resent_even_behind_a_backlog(
         running_slice = channel.basic_get(c.MAINTENANCE_QUEUE, no_ack=False)
         assert delivered is not None and running_slice is not None
         view = producer.jobs_in_broker()
-        assert view.complete and view.scanned >= BACKLOG + 5
+        assert view.complete and view.scanned >= BACKLOG + 6
         assert view.has_bulk(bulk_queued.id) and view.has_bulk(bulk_held.id)
         report = reconcile(now=utcnow(), in_broker=view)
         delivered.ack()
@@ -431,7 +440,7 @@ def test_ready_jobs_without_a_message_are_resent_even_behind_a_backlog(
     }
     assert [b for b in report.bulks if b[0] == fresh_org] == [(fresh_org, bulk_lost.id)]
     count_mine(report, fresh_org)
-    for job in (in_backlog, held, being_sent, archive_queued):
+    for job in (in_backlog, in_chunk, held, being_sent, archive_queued):
         assert (load(job).status, load(job).requeues) == ("ready", 0), job
     for job in (never_sent, archive_lost, stuck):
         assert (load(job).status, load(job).requeues) == ("ready", 1), job

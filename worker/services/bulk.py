@@ -8,7 +8,9 @@ passed, so a slice fits well inside the task's soft time limit (``TASK_SOFT_TIME
 whatever the selector's size: at ~2.3 ms per widget a slice is ~10,000 widgets or ~15 s, and a
 selector of 100,000 widgets is about ten messages. Per batch: insert the batch's missing
 deployments and commit (the unique ``(bulk_id, widget_id)`` index makes a second one
-impossible), send the batch's ``ready`` deployments, then move the cursor forward (commit).
+impossible), send the batch's ``ready`` deployments in chunks (``widgets.deploy_chunk``, one
+message per :data:`worker.services.deploy_chunk.CHUNK`: frozen together, uploaded
+concurrently), then move the cursor forward (commit).
 When widgets remain, the task records ``enqueued_at`` (:func:`note_continuation`, committed)
 and only then sends the next message, and acknowledges its own last (``acks_late``).
 
@@ -50,6 +52,7 @@ from sqlmodel import Session, col, select
 from worker.db import unit_of_work
 from worker.models import BulkJob, Deployment, Widget, utcnow
 from worker.services.catalog_impact import embedding_widgets
+from worker.services.deploy_chunk import chunks
 
 BATCH = 500  # widgets per batch: one insert transaction, then their messages
 SLICE_BATCHES = 20  # batches per slice (per message) at most
@@ -58,7 +61,8 @@ MAX_ATTEMPTS = 12  # slice deliveries in a row without progress before giving up
 SELECTOR_KEYS = ("widget_ids", "purpose_id", "preference_id", "publication_status")
 MAX_WIDGET_IDS = 10_000
 
-Send = Callable[[str, str, str], object]  # organization_id, widget_id, deployment_id
+# Sends one chunk of deployments (organization_id, [(widget_id, deployment_id), ...]).
+SendChunk = Callable[[str, list[tuple[str, str]]], object]
 
 
 def create(
@@ -197,7 +201,7 @@ class Slice:
 
 def fan_out(
     bulk_id: str,
-    send: Send,
+    send: SendChunk,
     batch: int | None = None,
     max_batches: int | None = None,
     budget: float | None = None,
@@ -222,9 +226,9 @@ def fan_out(
                 job.fanned_out_at = job.updated_at = utcnow()
                 return Slice(sent, batches, True)
             organization_id = job.organization_id
-        for widget_id, deployment_id in ready:  # after the commit, outside any transaction
-            send(organization_id, widget_id, deployment_id)
-            sent += 1
+        for chunk in chunks(ready):  # after the commit, outside any transaction
+            send(organization_id, chunk)
+            sent += len(chunk)
         _advance(bulk_id, cursor)
         batches += 1
         if clock() >= deadline:

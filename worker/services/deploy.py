@@ -73,15 +73,25 @@ class _Frozen:
     take_back: bool = False  # already failed: only make sure none of its bytes are live
 
 
-def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> DeployOutcome | _Frozen:
-    """Transaction 1. An outcome when the deployment is (now) final without publishing.
+Frozen = DeployOutcome | _Frozen
+
+
+def _freeze(organization_id: str, widget_id: str, deployment_id: str) -> Frozen:
+    """Transaction 1 (:func:`freeze_in`, on its own)."""
+    with unit_of_work("deploy.freeze") as session:
+        return freeze_in(session, organization_id, widget_id, deployment_id)
+
+
+def freeze_in(session: Session, organization_id: str, widget_id: str, deployment_id: str) -> Frozen:
+    """Freeze one deployment in ``session`` (the caller commits). An outcome when the
+    deployment is (now) final without publishing.
 
     A first delivery sends: the deployment (locked), the widget with its sequence taken
     (:func:`live_state.take_sequence`), the catalog items of the snapshot, its refs, the
     deployment's one UPDATE (a single flush: no autoflush in between) and the "newer waiting"
     check. Every other case (redelivery, give-up, unknown IDs) reads what it needs.
     """
-    with unit_of_work("deploy.freeze") as session, session.no_autoflush:
+    with session.no_autoflush:
         # Locked (on PostgreSQL; SQLite's write lock is taken at BEGIN): two deliveries of one
         # deployment must not both freeze it.
         # The key is this organization's: another tenant's deployment of the same id is not seen.
@@ -167,6 +177,11 @@ def run_deployment(
     except IntegrityError:
         # Two deliveries of a producer-created job raced to insert the row: the other one won.
         step = _freeze(organization_id, widget_id, deployment_id)
+    return finish_frozen(step, store)
+
+
+def finish_frozen(step: Frozen, store: Callable[[], S3Store]) -> DeployOutcome:
+    """Everything after the freeze: publish, or take back, or fail after checking S3."""
     if isinstance(step, DeployOutcome):
         return step
     if step.take_back:

@@ -16,6 +16,12 @@ from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, utcnow
 Job = Deployment | ArchiveJob
 
 
+def readable(exc: BaseException) -> str:
+    """An exception as a job's ``error``: its message (or its type), at most 2,000 characters."""
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:1997] + "..."
+
+
 def is_final(job: Job) -> bool:
     return job.status in FINAL_STATUSES
 

@@ -12,6 +12,7 @@ from sqlalchemy.exc import OperationalError
 
 from worker import constants as c
 from worker.s3 import TransientS3Error
+from worker.services.job_state import readable
 
 log = logging.getLogger(__name__)
 
@@ -26,11 +27,6 @@ RETRY_ON_TRANSIENT_ERRORS: dict[str, Any] = {
     "retry_jitter": True,
     "max_retries": c.MAX_RETRIES,
 }
-
-
-def readable(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text if len(text) <= 2000 else text[:1997] + "..."
 
 
 class JobTask(Task):  # type: ignore[misc]

@@ -48,7 +48,7 @@ def bulk_deploy(organization_id: str, bulk_id: str) -> dict[str, Any]:
         job = session.get(BulkJob, bulk_id)
         if job is None or job.organization_id != organization_id:
             return {"bulk_id": bulk_id, "error": "unknown bulk job"}
-    done = bulk.fan_out(bulk_id, send=producer.send_deploy)
+    done = bulk.fan_out(bulk_id, send=producer.send_deploy_chunk)
     result: dict[str, Any] = {"bulk_id": bulk_id, "sent": done.sent, "batches": done.batches}
     if done.done:
         return result

@@ -1,0 +1,183 @@
+"""Deploying a chunk of widgets at once: the path of bulk redeploys.
+
+A bulk redeploy (:mod:`worker.services.bulk`) sends its deployments in chunks of at most
+:data:`CHUNK` (one ``widgets.deploy_chunk`` message each) instead of one message per widget. One
+delivery of a chunk:
+
+1. **freezes** every deployment of the chunk in one transaction (``deploy.freeze_chunk``), in
+   widget-id order, each exactly as a single deploy's freeze does (:func:`deploy.freeze_in`:
+   the same row lock, the same sequence taken by the same ``UPDATE ... RETURNING``, the same
+   snapshot and attempt count). One BEGIN/COMMIT and one pooled connection for the chunk instead
+   of one per widget; sequence order is snapshot order for the same reason as for one widget;
+2. **publishes** the frozen deployments concurrently (:data:`CONCURRENCY` threads of this
+   process, sharing its S3 client and event loop), each through the single deploy's
+   :func:`deploy.finish_frozen`: the same decision loop, conditional writes and record;
+3. **hands back** every deployment that reached no outcome for a reason a single deploy
+   retries (a transient S3 error, a lost database connection, a whole freeze that failed) as a
+   single ``widgets.deploy`` message. From there it is an ordinary deploy: retries with backoff,
+   the attempts cap, a failure recorded only after checking S3. A permanent error (S3's 403, say)
+   fails the deployment at once, through the same :func:`deploy.record_failure` a single deploy's
+   task uses. So a chunk needs no retry policy of its own.
+
+Invariants (the same as for single deploys, because each deployment takes the same steps; only
+the freeze's transaction is shared):
+
+* **Per-widget order, coalescing and the same-content fence** are decided per deployment by
+  :mod:`worker.services.publish`, from its sequence and the widget's live state.
+* **Crash-safe at any line.** A freeze that fails commits nothing. A delivery that dies after the
+  freeze is redelivered (``acks_late``): its deployments are then redeliveries (attempts > 1, the
+  file looked at first), as a single deploy's would be. A hand-back whose send fails leaves the
+  deployment ``running``/``ready`` for the reconciler (which reads chunk messages as holding
+  their deployments: :func:`worker.producer.jobs_in_broker`).
+* Deployments of different widgets only; a chunk never names a widget twice (the bulk job has
+  one deployment per widget), so its publishes never contend with each other.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from worker.db import read_session, unit_of_work
+from worker.ids import require_safe_id
+from worker.s3 import S3Error, S3Store, TransientS3Error
+from worker.services import deploy
+from worker.services.deploy_outcome import DeployOutcome, outcome
+from worker.services.job_state import readable
+from worker.services.live_state import find_deployment
+
+log = logging.getLogger(__name__)
+
+CHUNK = 50  # deployments per message
+MAX_ITEMS = 500  # a message naming more is cut here (its rest is left to the reconciler)
+# Publishes in flight per process: below the PostgreSQL pool's 10 connections, as each publish
+# holds one for its short reads and its record.
+CONCURRENCY = 8
+
+Item = tuple[str, str]  # (widget_id, deployment_id)
+HandBack = Callable[[str, str, str], object]  # organization_id, widget_id, deployment_id
+# How the publishes run: the process's thread pool, or (the interleaving explorer) one by one.
+MapFn = Callable[[Callable[[Item], DeployOutcome | None], Sequence[Item]], Iterable[object]]
+
+# What a single deploy retries (worker.tasks.base): handed back to one. Other S3 and database
+# errors fail the deployment as they fail a single deploy (deploy.record_failure: S3 checked
+# first). Anything else is a bug: it fails the chunk's task, and the reconciler re-sends the
+# deployments it left unfinished.
+TRANSIENT_ERRORS = (TransientS3Error, OperationalError)
+
+
+@dataclass
+class ChunkReport:
+    outcomes: list[DeployOutcome] = field(default_factory=list)
+    handed_back: list[str] = field(default_factory=list)  # deployment ids
+    frozen_together: bool = True  # False: the chunk's freeze failed, all were handed back
+
+    def as_dict(self) -> dict[str, object]:
+        by_status: dict[str, int] = {}
+        for done in self.outcomes:
+            by_status[done.status] = by_status.get(done.status, 0) + 1
+        return {
+            "deployments": len(self.outcomes) + len(self.handed_back),
+            "by_status": by_status,
+            "handed_back": self.handed_back,
+            "frozen_together": self.frozen_together,
+        }
+
+
+_pool_lock = threading.Lock()
+_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+
+def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's publish threads: made in the process that uses them, never across fork."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(CONCURRENCY, "chunk"))
+        return _pool[1]
+
+
+def concurrently(fn: Callable[[Item], DeployOutcome | None], items: Sequence[Item]) -> list[object]:
+    return list(_thread_pool().map(fn, items))
+
+
+def _freeze_chunk(organization_id: str, items: Sequence[Item]) -> dict[str, deploy.Frozen]:
+    """Transaction 1 of every deployment of the chunk, together (widget-id order: two chunks
+    that share widgets lock them in the same order)."""
+    frozen: dict[str, deploy.Frozen] = {}
+    with unit_of_work("deploy.freeze_chunk") as session:
+        for widget_id, deployment_id in sorted(items):
+            frozen[deployment_id] = deploy.freeze_in(
+                session, organization_id, widget_id, deployment_id
+            )
+    return frozen
+
+
+def run_chunk(
+    organization_id: str,
+    items: Sequence[Item],
+    store: Callable[[], S3Store],
+    hand_back: HandBack,
+    map_fn: MapFn = concurrently,
+) -> ChunkReport:
+    """One delivery of a chunk; safe to run any number of times (see the module docstring)."""
+    require_safe_id(organization_id, "organization_id")
+    for widget_id, deployment_id in items:
+        deploy.validate_job_ids(organization_id, widget_id, deployment_id)
+    report = ChunkReport()
+    widget_of = {deployment_id: widget_id for widget_id, deployment_id in items}
+
+    def give_back(deployment_id: str, why: object) -> None:
+        log.info("deployment %s handed back to a single deploy: %s", deployment_id, why)
+        report.handed_back.append(deployment_id)
+        hand_back(organization_id, widget_of[deployment_id], deployment_id)
+
+    try:
+        frozen = _freeze_chunk(organization_id, items)
+    except (SQLAlchemyError, deploy.InvalidJobError) as exc:
+        # Nothing of the chunk is committed (a deadlock, a lost connection, one invalid job, a
+        # producer-made row inserted twice): each goes the single way, which handles each case.
+        report.frozen_together = False
+        for _, deployment_id in items:
+            give_back(deployment_id, exc)
+        return report
+    lock = threading.Lock()
+
+    def finish(item: Item) -> DeployOutcome | None:
+        deployment_id = item[1]
+        try:
+            done = deploy.finish_frozen(frozen[deployment_id], store)
+        except TRANSIENT_ERRORS as exc:
+            with lock:
+                give_back(deployment_id, exc)
+            return None
+        except (S3Error, SQLAlchemyError) as exc:
+            log.warning("deployment %s failed: %s", deployment_id, exc)
+            deploy.record_failure(
+                organization_id, widget_of[deployment_id], deployment_id, readable(exc), store
+            )
+            done = _outcome_of(organization_id, deployment_id)
+        with lock:
+            report.outcomes.append(done)
+        return done
+
+    map_fn(finish, sorted(items))
+    return report
+
+
+def _outcome_of(organization_id: str, deployment_id: str) -> DeployOutcome:
+    with read_session("deploy.read_outcome") as session:
+        dep = find_deployment(session, organization_id, deployment_id)
+        assert dep is not None
+        return outcome(dep)
+
+
+def chunks(items: Sequence[Item], size: int | None = None) -> list[list[Item]]:
+    size = size or CHUNK
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
