@@ -34,6 +34,7 @@ from worker.services import deploy as deploy_service
 from worker.services import deploy_chunk, late_writes
 from worker.services.archive import mark_archived, run_archive
 from worker.services.catalog_impact import mark_embedding_widgets
+from worker.services.chunking import one_by_one
 from worker.services.locking import lock_widget
 from worker.services.snapshot import build_snapshot, content_checksum
 from worker.storage_keys import container_key
@@ -173,14 +174,16 @@ class World:
     def chunk_job(self, dep_id: str, store: Callable[[], Any], run: Run) -> Callable[[], None]:
         """``widgets.deploy_chunk`` naming this widget's deployment (a bulk redeploy's chunk):
         frozen in the chunk's transaction, published in the chunk; a deployment handed back is
-        sent as a single ``widgets.deploy``, run here as an actor of its own."""
+        sent as a single ``widgets.deploy``, run here as an actor of its own. The chunk's jobs
+        run one by one in the actor's thread (the explorer schedules actors, not a pool's
+        threads); they are of different widgets and never contend."""
 
         def hand_back(organization_id: str, widget_id: str, deployment_id: str) -> None:
             run.spawn("handed-back", self.deploy_job(deployment_id, store))
 
         def program() -> None:
             items = [(self.widget_id, dep_id)]
-            deploy_chunk.run_chunk(self.org_id, items, store, hand_back, map_fn=_one_by_one)
+            deploy_chunk.run_chunk(self.org_id, items, store, hand_back, map_fn=one_by_one)
 
         return program
 
@@ -323,12 +326,6 @@ class World:
         if status == "published" and file_content != now_content:
             problems.append("reads published, but the live file is not what a deploy would publish")
         return problems
-
-
-def _one_by_one(fn: Callable[[Any], object], items: Any) -> list[object]:
-    """A chunk's publishes in the actor's own thread (the explorer schedules actors, not the
-    threads of a pool); a chunk's deployments are of different widgets and never contend."""
-    return [fn(item) for item in items]
 
 
 def _read(s3: Any, bucket: str, key: str) -> tuple[dict[str, Any] | None, dict[str, str]]:

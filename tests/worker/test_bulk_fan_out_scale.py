@@ -29,7 +29,7 @@ from worker import producer
 from worker.db import get_engine, unit_of_work
 from worker.ids import new_id
 from worker.models import BulkJob, Deployment, Organization, Widget, utcnow
-from worker.services import bulk, deploy_chunk
+from worker.services import bulk, chunking
 
 WIDGETS = int(os.environ.get("BULK_SCALE_WIDGETS", "2000"))
 SCALE_REDIS_DB = 13
@@ -116,7 +116,7 @@ def test_every_slice_of_a_large_fan_out_fits_well_inside_the_soft_time_limit(iso
     assert len({d for o, d in in_broker.deployments if o == org.id}) == WIDGETS
     queued = redis.Redis.from_url(os.environ["CELERY_BROKER_URL"]).llen(c.DEPLOY_QUEUE)
     batches = math.ceil(WIDGETS / bulk.BATCH)
-    assert queued <= batches * math.ceil(bulk.BATCH / deploy_chunk.CHUNK), queued
+    assert queued <= batches * math.ceil(bulk.BATCH / chunking.CHUNK), queued
 
     longest = max(seconds for _, seconds in slices)
     per_widget = total / WIDGETS

@@ -6,7 +6,6 @@ process. End to end through the worker: ``test_bulk_redeploy.py``."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pytest
@@ -18,14 +17,9 @@ from worker.db import get_engine, unit_of_work
 from worker.ids import UnsafeIdentifierError
 from worker.models import Deployment, utcnow
 from worker.s3 import get_store
-from worker.services import deploy_chunk
+from worker.services import chunking, deploy_chunk
 from worker.services.deploy import run_deployment
 from worker.settings import get_settings
-
-
-def one_by_one(fn: Callable[[Any], object], items: Sequence[Any]) -> Iterable[object]:
-    """The publishes in order, in this thread: which one meets a fault is known."""
-    return [fn(item) for item in items]
 
 
 def queue(org_id: str, widget_id: str) -> str:
@@ -60,7 +54,7 @@ def test_a_chunk_is_frozen_in_one_transaction_and_publishes_every_widget(databas
     items = chunk_of(org, 5)
     back = HandedBack()
     with counting(get_engine(), this_thread=True) as seen:
-        report = deploy_chunk.run_chunk(org.id, items, get_store, back, map_fn=one_by_one)
+        report = deploy_chunk.run_chunk(org.id, items, get_store, back, map_fn=chunking.one_by_one)
     assert back == [] and report.frozen_together
     assert [o.status for o in report.outcomes] == ["success"] * 5, report
     # One freeze for the chunk, then each deployment's record: 6 transactions, not 10.
@@ -78,7 +72,7 @@ def test_a_chunk_is_frozen_in_one_transaction_and_publishes_every_widget(databas
 
 
 def test_the_publishes_of_a_chunk_run_on_the_process_threads(database, org, s3):
-    items = chunk_of(org, deploy_chunk.CONCURRENCY + 3)
+    items = chunk_of(org, chunking.CONCURRENCY + 3)
     back = HandedBack()
     report = deploy_chunk.run_chunk(org.id, items, get_store, back)  # the default: threads
     assert back == [] and sorted(o.deployment_id for o in report.outcomes) == sorted(
@@ -99,7 +93,7 @@ def test_an_upload_that_keeps_failing_is_handed_back_to_a_single_deploy(
     attempts = get_settings().s3_max_attempts
     s3_faults.fail_next("PUT", 503, times=attempts)
     back = HandedBack()
-    report = deploy_chunk.run_chunk(org.id, items, get_store, back, map_fn=one_by_one)
+    report = deploy_chunk.run_chunk(org.id, items, get_store, back, map_fn=chunking.one_by_one)
     assert s3_faults.count("PUT", 503) == attempts  # the fault landed, on the first upload
     assert back == [first]
     assert sorted(o.deployment_id for o in report.outcomes) == sorted(d for _, d in items[1:])
@@ -118,7 +112,7 @@ def test_a_permanent_upload_error_fails_that_deployment_at_once_as_a_single_depl
     first_widget, first = items[0]
     s3_faults.fail_next("PUT", 403)  # AccessDenied: no retry fixes it
     back = HandedBack()
-    report = deploy_chunk.run_chunk(org.id, items, get_store, back, map_fn=one_by_one)
+    report = deploy_chunk.run_chunk(org.id, items, get_store, back, map_fn=chunking.one_by_one)
     assert s3_faults.count("PUT", 403) == 1  # the fault landed, on the first upload
     assert back == []  # not handed back: a single deploy would fail it the same way
     statuses = {o.deployment_id: o.status for o in report.outcomes}
@@ -135,7 +129,7 @@ def test_a_chunk_redelivered_after_its_freeze_publishes_each_widget_once(
     deploy_chunk._freeze_chunk(org.id, items)  # the first delivery died right after its commit
     s3_faults.clear()
     back = HandedBack()
-    report = deploy_chunk.run_chunk(org.id, items, get_store, back, map_fn=one_by_one)
+    report = deploy_chunk.run_chunk(org.id, items, get_store, back, map_fn=chunking.one_by_one)
     assert back == [] and {o.status for o in report.outcomes} == {"success"}
     assert s3_faults.count("PUT") == len(items)  # one upload each, none twice
     for widget_id, deployment_id in items:
@@ -149,7 +143,7 @@ def test_a_chunk_that_cannot_be_frozen_commits_nothing_and_is_handed_back_whole(
     other_widget = org.widget()["id"]
     wrong = [*items[:2], (other_widget, items[2][1])]  # its deployment belongs to another widget
     back = HandedBack()
-    report = deploy_chunk.run_chunk(org.id, wrong, get_store, back, map_fn=one_by_one)
+    report = deploy_chunk.run_chunk(org.id, wrong, get_store, back, map_fn=chunking.one_by_one)
     assert not report.frozen_together and report.outcomes == []
     assert sorted(back) == sorted(d for _, d in items)
     for _, deployment_id in items:
@@ -165,5 +159,5 @@ def test_a_chunk_that_cannot_be_frozen_commits_nothing_and_is_handed_back_whole(
 def test_a_chunk_naming_an_unsafe_id_is_refused_before_anything_runs(sqlite_database, org, items):
     back = HandedBack()
     with pytest.raises(UnsafeIdentifierError, match="must be 1-"):
-        deploy_chunk.run_chunk(org.id, items, get_store, back, map_fn=one_by_one)
+        deploy_chunk.run_chunk(org.id, items, get_store, back, map_fn=chunking.one_by_one)
     assert back == []

@@ -9,7 +9,7 @@ whatever the selector's size: at ~2.3 ms per widget a slice is ~10,000 widgets o
 selector of 100,000 widgets is about ten messages. Per batch: insert the batch's missing
 deployments and commit (the unique ``(bulk_id, widget_id)`` index makes a second one
 impossible), send the batch's ``ready`` deployments in chunks (``widgets.deploy_chunk``, one
-message per :data:`worker.services.deploy_chunk.CHUNK`: frozen together, uploaded
+message per :data:`worker.services.chunking.CHUNK`: frozen together, uploaded
 concurrently), then move the cursor forward (commit).
 When widgets remain, the task records ``enqueued_at`` (:func:`note_continuation`, committed)
 and only then sends the next message, and acknowledges its own last (``acks_late``).
@@ -52,7 +52,7 @@ from sqlmodel import Session, col, select
 from worker.db import unit_of_work
 from worker.models import BulkJob, Deployment, Widget, utcnow
 from worker.services.catalog_impact import embedding_widgets
-from worker.services.deploy_chunk import chunks
+from worker.services.chunking import chunks
 
 BATCH = 500  # widgets per batch: one insert transaction, then their messages
 SLICE_BATCHES = 20  # batches per slice (per message) at most

@@ -1,16 +1,16 @@
 """Deploying a chunk of widgets at once: the path of bulk redeploys.
 
 A bulk redeploy (:mod:`worker.services.bulk`) sends its deployments in chunks of at most
-:data:`CHUNK` (one ``widgets.deploy_chunk`` message each) instead of one message per widget. One
-delivery of a chunk:
+:data:`worker.services.chunking.CHUNK` (one ``widgets.deploy_chunk`` message each) instead of
+one message per widget. One delivery of a chunk:
 
 1. **freezes** every deployment of the chunk in one transaction (``deploy.freeze_chunk``), in
    widget-id order, each exactly as a single deploy's freeze does (:func:`deploy.freeze_in`:
    the same row lock, the same sequence taken by the same ``UPDATE ... RETURNING``, the same
    snapshot and attempt count). One BEGIN/COMMIT and one pooled connection for the chunk instead
    of one per widget; sequence order is snapshot order for the same reason as for one widget;
-2. **publishes** the frozen deployments concurrently (:data:`CONCURRENCY` threads of this
-   process, sharing its S3 client and event loop), each through the single deploy's
+2. **publishes** the frozen deployments concurrently (:mod:`worker.services.chunking`: threads of
+   this process, sharing its S3 client and event loop), each through the single deploy's
    :func:`deploy.finish_frozen`: the same decision loop, conditional writes and record;
 3. **hands back** every deployment that reached no outcome for a reason a single deploy
    retries (a transient S3 error, a lost database connection, a whole freeze that failed) as a
@@ -35,11 +35,9 @@ the freeze's transaction is shared):
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import os
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
@@ -48,22 +46,15 @@ from worker.db import read_session, unit_of_work
 from worker.ids import require_safe_id
 from worker.s3 import S3Error, S3Store, TransientS3Error
 from worker.services import deploy
+from worker.services.chunking import MapFn, concurrently
 from worker.services.deploy_outcome import DeployOutcome, outcome
 from worker.services.job_state import readable
 from worker.services.live_state import find_deployment
 
 log = logging.getLogger(__name__)
 
-CHUNK = 50  # deployments per message
-MAX_ITEMS = 500  # a message naming more is cut here (its rest is left to the reconciler)
-# Publishes in flight per process: below the PostgreSQL pool's 10 connections, as each publish
-# holds one for its short reads and its record.
-CONCURRENCY = 8
-
 Item = tuple[str, str]  # (widget_id, deployment_id)
 HandBack = Callable[[str, str, str], object]  # organization_id, widget_id, deployment_id
-# How the publishes run: the process's thread pool, or (the interleaving explorer) one by one.
-MapFn = Callable[[Callable[[Item], DeployOutcome | None], Sequence[Item]], Iterable[object]]
 
 # What a single deploy retries (worker.tasks.base): handed back to one. Other S3 and database
 # errors fail the deployment as they fail a single deploy (deploy.record_failure: S3 checked
@@ -88,23 +79,6 @@ class ChunkReport:
             "handed_back": self.handed_back,
             "frozen_together": self.frozen_together,
         }
-
-
-_pool_lock = threading.Lock()
-_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
-
-
-def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """This process's publish threads: made in the process that uses them, never across fork."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(CONCURRENCY, "chunk"))
-        return _pool[1]
-
-
-def concurrently(fn: Callable[[Item], DeployOutcome | None], items: Sequence[Item]) -> list[object]:
-    return list(_thread_pool().map(fn, items))
 
 
 def _freeze_chunk(organization_id: str, items: Sequence[Item]) -> dict[str, deploy.Frozen]:
@@ -176,8 +150,3 @@ def _outcome_of(organization_id: str, deployment_id: str) -> DeployOutcome:
         dep = find_deployment(session, organization_id, deployment_id)
         assert dep is not None
         return outcome(dep)
-
-
-def chunks(items: Sequence[Item], size: int | None = None) -> list[list[Item]]:
-    size = size or CHUNK
-    return [list(items[i : i + size]) for i in range(0, len(items), size)]

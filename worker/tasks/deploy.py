@@ -12,6 +12,7 @@ from worker import producer
 from worker.celery import app
 from worker.ids import is_safe_id
 from worker.s3 import get_store
+from worker.services import chunking
 from worker.services import deploy as service
 from worker.services import deploy_chunk as deploy_chunk_service
 from worker.tasks.base import RETRY_ON_TRANSIENT_ERRORS, JobTask
@@ -52,7 +53,7 @@ def deploy_chunk(organization_id: str, items: list[list[str]]) -> dict[str, Any]
     """``widgets.deploy_chunk``: keyword arguments ``organization_id`` and ``items``, a list of
     ``[widget_id, deployment_id]`` (:mod:`worker.services.deploy_chunk`). No retry policy: what
     does not finish here is handed back as single ``widgets.deploy`` messages, which have one."""
-    pairs = [(str(w), str(d)) for w, d in items][: deploy_chunk_service.MAX_ITEMS]
+    pairs = [(str(w), str(d)) for w, d in items][: chunking.MAX_ITEMS]
     try:
         report = deploy_chunk_service.run_chunk(
             organization_id, pairs, store=get_store, hand_back=producer.send_deploy

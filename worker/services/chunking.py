@@ -1,0 +1,48 @@
+"""Running the jobs of one chunk message (a bulk redeploy's deploys, a cleanup's archives) at
+once: on this process's threads, which share its S3 client and event loop
+(:mod:`worker.s3`) and its database pool."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+CHUNK = 50  # jobs per message
+MAX_ITEMS = 500  # a message naming more is cut here (its rest is left to the reconciler)
+# Jobs in flight per process: below the PostgreSQL pool's 10 connections, as each job holds one
+# for its short transactions.
+CONCURRENCY = 8
+
+# How a chunk's jobs run: the process's thread pool, or (the interleaving explorer, tests that
+# need to know which job meets a fault) one by one in the calling thread.
+MapFn = Callable[[Callable[[Any], Any], Sequence[Any]], Iterable[object]]
+
+_lock = threading.Lock()
+_pool: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None
+
+
+def _thread_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """This process's threads: made in the process that uses them, never inherited by fork."""
+    global _pool
+    with _lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), concurrent.futures.ThreadPoolExecutor(CONCURRENCY, "chunk"))
+        return _pool[1]
+
+
+def concurrently(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[object]:
+    return list(_thread_pool().map(fn, items))
+
+
+def one_by_one(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[object]:
+    return [fn(item) for item in items]
+
+
+def chunks(items: Sequence[T], size: int | None = None) -> list[list[T]]:
+    size = size or CHUNK
+    return [list(items[i : i + size]) for i in range(0, len(items), size)]
