@@ -5,6 +5,7 @@ from __future__ import annotations
 DEPLOY_TASK = "widgets.deploy"
 DEPLOY_CHUNK_TASK = "widgets.deploy_chunk"
 ARCHIVE_TASK = "widgets.archive"
+ARCHIVE_CHUNK_TASK = "widgets.archive_chunk"
 CLEANUP_TASK = "widgets.cleanup_drafts"
 RECONCILE_TASK = "widgets.reconcile"
 BULK_DEPLOY_TASK = "widgets.bulk_deploy"
@@ -22,6 +23,7 @@ TASK_ROUTES = {
     DEPLOY_CHUNK_TASK: {"queue": DEPLOY_QUEUE},
     BULK_DEPLOY_TASK: {"queue": DEPLOY_QUEUE},
     ARCHIVE_TASK: {"queue": ARCHIVE_QUEUE},
+    ARCHIVE_CHUNK_TASK: {"queue": ARCHIVE_QUEUE},
     CLEANUP_TASK: {"queue": MAINTENANCE_QUEUE},
     RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE},
     LATE_WRITES_TASK: {"queue": MAINTENANCE_QUEUE},

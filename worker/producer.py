@@ -183,6 +183,14 @@ def send_archive(organization_id: str, widget_id: str, archive_job_id: str) -> b
     )
 
 
+def send_archive_chunk(organization_id: str, items: list[tuple[str, str]]) -> bool:
+    """One message for several archive jobs (``[widget_id, archive_job_id]`` each)."""
+    return _send(
+        c.ARCHIVE_CHUNK_TASK,
+        {"organization_id": organization_id, "items": [[w, j] for w, j in items]},
+    )
+
+
 def send_bulk(organization_id: str, bulk_id: str) -> bool:
     return _send(c.BULK_DEPLOY_TASK, {"organization_id": organization_id, "bulk_id": bulk_id})
 
@@ -259,6 +267,20 @@ def _task_kwargs(envelope: Any) -> tuple[str, dict[str, Any]] | None:
     return None
 
 
+def _chunk_items(items: Any) -> list[tuple[str, str]]:
+    """The ``[widget_id, job_id]`` pairs of a chunk message's ``items`` (malformed ones left)."""
+    if not isinstance(items, list):
+        return []
+    return [
+        (item[0], item[1])
+        for item in items
+        if isinstance(item, list)
+        and len(item) == 2
+        and isinstance(item[0], str)
+        and isinstance(item[1], str)
+    ]
+
+
 def _note(jobs: BrokerJobs, envelope: Any) -> None:
     parsed = _task_kwargs(envelope)
     if parsed is None:
@@ -268,12 +290,14 @@ def _note(jobs: BrokerJobs, envelope: Any) -> None:
         org_id, dep_id = kwargs.get("organization_id"), kwargs.get("deployment_id")
         if isinstance(org_id, str) and isinstance(dep_id, str):
             jobs.deployments.add((org_id, dep_id))
-    elif task == c.DEPLOY_CHUNK_TASK:
-        org_id, items = kwargs.get("organization_id"), kwargs.get("items")
-        if isinstance(org_id, str) and isinstance(items, list):
-            for item in items:
-                if isinstance(item, list) and len(item) == 2 and isinstance(item[1], str):
-                    jobs.deployments.add((org_id, item[1]))
+    elif task in (c.DEPLOY_CHUNK_TASK, c.ARCHIVE_CHUNK_TASK):
+        org_id = kwargs.get("organization_id")
+        for item in _chunk_items(kwargs.get("items")):
+            if task == c.ARCHIVE_CHUNK_TASK:
+                jobs.archives.add(item[1])
+                jobs.archive_widgets.add(item[0])
+            elif isinstance(org_id, str):
+                jobs.deployments.add((org_id, item[1]))
     elif task == c.ARCHIVE_TASK:
         if isinstance(kwargs.get("archive_job_id"), str):
             jobs.archives.add(kwargs["archive_job_id"])

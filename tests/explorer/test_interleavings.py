@@ -97,6 +97,11 @@ def _archive(world: World, run: Run, store: Callable[[], Any]) -> None:
     run.spawn("archive", program, redeliver=job)
 
 
+def _archive_in_chunk(world: World, run: Run, store: Callable[[], Any]) -> None:
+    program, job = world.archive_in_chunk(store, run)
+    run.spawn("archive-chunk", program, redeliver=job)
+
+
 def _revert_and_deploy(world: World, run: Run, store: Callable[[], Any]) -> None:
     run.spawn("revert+deploy", world.edit_then_deploy("A", store))
 
@@ -219,6 +224,14 @@ CHUNK_SCENARIOS = [
         Faults(crash=frozenset({"chunk", "archive"})),
         preemptions=2,
     ),
+    # The cleanup's archive chunk while the widget is redeployed; either may die.
+    Scenario(
+        "redeploy-vs-archive-chunk",
+        _published("B"),
+        _with(_deploy(), _archive_in_chunk),
+        Faults(crash=frozenset({"deploy", "archive-chunk"})),
+        preemptions=2,
+    ),
 ]
 SCENARIOS += CHUNK_SCENARIOS
 
@@ -313,6 +326,7 @@ def _explore(name: str, schedules: Any, explorer: Explorer, run_one: RunOne) -> 
 SLOW = {
     "older-deploy-held-vs-revert-to-live-content",
     "first-delivery-vs-give-up-of-the-same-deployment",
+    "chunk-vs-archive",  # redeploy-vs-archive with the chunk's freeze: 633 schedules, ~1 min
 }
 ACTIVE = [s for s in SCENARIOS if os.environ.get("EXPLORER_ALL") or s.name not in SLOW]
 

@@ -30,8 +30,8 @@ from worker.models import (
     utcnow,
 )
 from worker.s3 import PreconditionFailed, S3Store, StoredObject, TransientS3Error
+from worker.services import archive_chunk, deploy_chunk, late_writes
 from worker.services import deploy as deploy_service
-from worker.services import deploy_chunk, late_writes
 from worker.services.archive import mark_archived, run_archive
 from worker.services.catalog_impact import mark_embedding_widgets
 from worker.services.chunking import one_by_one
@@ -243,6 +243,33 @@ class World:
 
         def program() -> None:
             with unit_of_work("api.delete_widget") as s:
+                widget = lock_widget(s, self.org_id, self.widget_id)
+                assert widget is not None
+                created = mark_archived(s, widget)
+                s.flush()
+                job_ids.append(created.id)
+            job()
+
+        return program, job
+
+    def archive_in_chunk(
+        self, store: Callable[[], Any], run: Run
+    ) -> tuple[Callable[[], None], Callable[[], None]]:
+        """The cleanup's way: the widget marked archived, then its job run in a
+        ``widgets.archive_chunk`` (claimed in the chunk's transaction); returns (program,
+        redelivery of the chunk). A job handed back runs as a single archive, an actor."""
+        job_ids: list[str] = []
+
+        def hand_back(organization_id: str, widget_id: str, job_id: str) -> None:
+            run.spawn("handed-back", lambda: run_archive(self.org_id, widget_id, job_id, store))
+
+        def job() -> None:
+            if job_ids:
+                items = [(self.widget_id, job_ids[0])]
+                archive_chunk.run_chunk(self.org_id, items, store, hand_back, map_fn=one_by_one)
+
+        def program() -> None:
+            with unit_of_work("cleanup.mark_archived") as s:
                 widget = lock_widget(s, self.org_id, self.widget_id)
                 assert widget is not None
                 created = mark_archived(s, widget)

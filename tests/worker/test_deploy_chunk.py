@@ -55,7 +55,7 @@ def test_a_chunk_is_frozen_in_one_transaction_and_publishes_every_widget(databas
     back = HandedBack()
     with counting(get_engine(), this_thread=True) as seen:
         report = deploy_chunk.run_chunk(org.id, items, get_store, back, map_fn=chunking.one_by_one)
-    assert back == [] and report.frozen_together
+    assert back == [] and not report.whole_chunk_handed_back
     assert [o.status for o in report.outcomes] == ["success"] * 5, report
     # One freeze for the chunk, then each deployment's record: 6 transactions, not 10.
     assert seen.begins == 1 + len(items), seen.breakdown()
@@ -144,7 +144,7 @@ def test_a_chunk_that_cannot_be_frozen_commits_nothing_and_is_handed_back_whole(
     wrong = [*items[:2], (other_widget, items[2][1])]  # its deployment belongs to another widget
     back = HandedBack()
     report = deploy_chunk.run_chunk(org.id, wrong, get_store, back, map_fn=chunking.one_by_one)
-    assert not report.frozen_together and report.outcomes == []
+    assert report.whole_chunk_handed_back and report.outcomes == []
     assert sorted(back) == sorted(d for _, d in items)
     for _, deployment_id in items:
         dep = row(deployment_id)  # not even the two valid ones were frozen

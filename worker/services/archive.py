@@ -60,7 +60,7 @@ class ArchiveOutcome:
         return asdict(self)
 
 
-def _outcome(job: ArchiveJob) -> ArchiveOutcome:
+def job_outcome(job: ArchiveJob) -> ArchiveOutcome:
     return ArchiveOutcome(job.id, job.widget_id, job.status, job.result, job.error)
 
 
@@ -111,34 +111,41 @@ def _job_for_producer(
 
 def _claim(organization_id: str, widget_id: str, job_id: str | None) -> ArchiveJob:
     with unit_of_work("archive.claim") as session:
-        if session.get(Organization, organization_id) is None:
-            raise InvalidJobError(f"unknown organization {organization_id}")
-        widget = lock_widget(session, organization_id, widget_id)
-        job = session.get(ArchiveJob, job_id) if job_id else None
-        if job_id and job is None:
-            raise InvalidJobError(f"unknown archive job {job_id}")
-        if job is None:
-            job = _job_for_producer(session, widget, organization_id, widget_id)
-        if job.organization_id != organization_id or job.widget_id != widget_id:
-            raise InvalidJobError(f"archive job {job.id} is for another organization or widget")
-        if job_state.is_final(job):
-            return job
-        if job.result is None:
-            if widget is None:
-                job_state.finish(job, "failure", "widget not found")
-                return job
-            if not widget.is_archived:
-                widget.archived_at = utcnow()
-            # The plan is fixed now, before anything is destroyed.
-            draft = widget.publication_status == "draft"
-            job.result = RESULT_DELETED if draft else RESULT_ARCHIVED
-        gave_up = job_state.give_up_reason(job, MAX_ATTEMPTS)
-        if gave_up is not None:
-            job_state.finish(job, "failure", gave_up)
-        else:
-            job_state.start(job)
-        session.add(job)
+        return claim_in(session, organization_id, widget_id, job_id)
+
+
+def claim_in(
+    session: Session, organization_id: str, widget_id: str, job_id: str | None
+) -> ArchiveJob:
+    """Step 1 in ``session`` (the caller commits)."""
+    if session.get(Organization, organization_id) is None:
+        raise InvalidJobError(f"unknown organization {organization_id}")
+    widget = lock_widget(session, organization_id, widget_id)
+    job = session.get(ArchiveJob, job_id) if job_id else None
+    if job_id and job is None:
+        raise InvalidJobError(f"unknown archive job {job_id}")
+    if job is None:
+        job = _job_for_producer(session, widget, organization_id, widget_id)
+    if job.organization_id != organization_id or job.widget_id != widget_id:
+        raise InvalidJobError(f"archive job {job.id} is for another organization or widget")
+    if job_state.is_final(job):
         return job
+    if job.result is None:
+        if widget is None:
+            job_state.finish(job, "failure", "widget not found")
+            return job
+        if not widget.is_archived:
+            widget.archived_at = utcnow()
+        # The plan is fixed now, before anything is destroyed.
+        draft = widget.publication_status == "draft"
+        job.result = RESULT_DELETED if draft else RESULT_ARCHIVED
+    gave_up = job_state.give_up_reason(job, MAX_ATTEMPTS)
+    if gave_up is not None:
+        job_state.finish(job, "failure", gave_up)
+    else:
+        job_state.start(job)
+    session.add(job)
+    return job
 
 
 def _delete_assets(organization_id: str, widget_id: str, store: Callable[[], S3Store]) -> None:
@@ -209,9 +216,14 @@ def run_archive(
     require_safe_id(widget_id, "widget_id")
     if archive_job_id is not None:
         require_safe_id(archive_job_id, "archive_job_id")
-    job = _claim(organization_id, widget_id, archive_job_id)
+    return finish_claimed(_claim(organization_id, widget_id, archive_job_id), store)
+
+
+def finish_claimed(job: ArchiveJob, store: Callable[[], S3Store]) -> ArchiveOutcome:
+    """Steps 2 to 4 of a claimed job (nothing, if the claim found it final)."""
     if job_state.is_final(job):
-        return _outcome(job)
+        return job_outcome(job)
+    organization_id, widget_id = job.organization_id, job.widget_id
     _delete_assets(organization_id, widget_id, store)
     # The container file goes before the row: a failure here leaves the widget (archived,
     # invisible) in place, so a new DELETE can retry the whole job. Deleting it for drafts too
@@ -233,7 +245,7 @@ def run_archive(
         if not job_state.is_final(final):
             job_state.finish(final, "success")
             session.add(final)
-        return _outcome(final)
+        return job_outcome(final)
 
 
 def note_retry(archive_job_id: str, error: str) -> None:

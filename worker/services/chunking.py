@@ -8,9 +8,18 @@ import concurrent.futures
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
+
+
+class Outcome(Protocol):
+    @property
+    def status(self) -> str: ...
+
+
+OutcomeT = TypeVar("OutcomeT", bound=Outcome)
 
 CHUNK = 50  # jobs per message
 MAX_ITEMS = 500  # a message naming more is cut here (its rest is left to the reconciler)
@@ -46,3 +55,24 @@ def one_by_one(fn: Callable[[Any], Any], items: Sequence[Any]) -> list[object]:
 def chunks(items: Sequence[T], size: int | None = None) -> list[list[T]]:
     size = size or CHUNK
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+@dataclass
+class ChunkReport(Generic[OutcomeT]):
+    """What one delivery of a chunk did: the jobs' outcomes, and the jobs handed back to single
+    messages (all of them when the chunk's shared first transaction failed)."""
+
+    outcomes: list[OutcomeT] = field(default_factory=list)
+    handed_back: list[str] = field(default_factory=list)  # job ids
+    whole_chunk_handed_back: bool = False
+
+    def as_dict(self) -> dict[str, object]:
+        by_status: dict[str, int] = {}
+        for done in self.outcomes:
+            by_status[done.status] = by_status.get(done.status, 0) + 1
+        return {
+            "jobs": len(self.outcomes) + len(self.handed_back),
+            "by_status": by_status,
+            "handed_back": self.handed_back,
+            "whole_chunk_handed_back": self.whole_chunk_handed_back,
+        }

@@ -2,8 +2,10 @@
 
 Candidates are drafts (never published), not archived, not edited inside the window, with no
 deployment in flight. Each is re-checked under its row lock and marked archived in the same
-transaction, so two cleanups running at once archive every widget exactly once; the archive
-itself goes through the normal ``widgets.archive`` job.
+transaction, so two cleanups running at once archive every widget exactly once. The archives
+themselves are the normal archive jobs, sent after each batch's commit in chunk messages
+(``widgets.archive_chunk``, :mod:`worker.services.archive_chunk`): claimed in one transaction
+per chunk and run concurrently by the worker.
 """
 
 from __future__ import annotations

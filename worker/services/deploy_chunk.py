@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
@@ -46,7 +45,7 @@ from worker.db import read_session, unit_of_work
 from worker.ids import require_safe_id
 from worker.s3 import S3Error, S3Store, TransientS3Error
 from worker.services import deploy
-from worker.services.chunking import MapFn, concurrently
+from worker.services.chunking import ChunkReport, MapFn, concurrently
 from worker.services.deploy_outcome import DeployOutcome, outcome
 from worker.services.job_state import readable
 from worker.services.live_state import find_deployment
@@ -61,24 +60,6 @@ HandBack = Callable[[str, str, str], object]  # organization_id, widget_id, depl
 # first). Anything else is a bug: it fails the chunk's task, and the reconciler re-sends the
 # deployments it left unfinished.
 TRANSIENT_ERRORS = (TransientS3Error, OperationalError)
-
-
-@dataclass
-class ChunkReport:
-    outcomes: list[DeployOutcome] = field(default_factory=list)
-    handed_back: list[str] = field(default_factory=list)  # deployment ids
-    frozen_together: bool = True  # False: the chunk's freeze failed, all were handed back
-
-    def as_dict(self) -> dict[str, object]:
-        by_status: dict[str, int] = {}
-        for done in self.outcomes:
-            by_status[done.status] = by_status.get(done.status, 0) + 1
-        return {
-            "deployments": len(self.outcomes) + len(self.handed_back),
-            "by_status": by_status,
-            "handed_back": self.handed_back,
-            "frozen_together": self.frozen_together,
-        }
 
 
 def _freeze_chunk(organization_id: str, items: Sequence[Item]) -> dict[str, deploy.Frozen]:
@@ -99,17 +80,20 @@ def run_chunk(
     store: Callable[[], S3Store],
     hand_back: HandBack,
     map_fn: MapFn = concurrently,
-) -> ChunkReport:
+) -> ChunkReport[DeployOutcome]:
     """One delivery of a chunk; safe to run any number of times (see the module docstring)."""
     require_safe_id(organization_id, "organization_id")
     for widget_id, deployment_id in items:
         deploy.validate_job_ids(organization_id, widget_id, deployment_id)
-    report = ChunkReport()
+    report: ChunkReport[DeployOutcome] = ChunkReport()
     widget_of = {deployment_id: widget_id for widget_id, deployment_id in items}
+
+    lock = threading.Lock()  # the report's lists only: no send is made holding it
 
     def give_back(deployment_id: str, why: object) -> None:
         log.info("deployment %s handed back to a single deploy: %s", deployment_id, why)
-        report.handed_back.append(deployment_id)
+        with lock:
+            report.handed_back.append(deployment_id)
         hand_back(organization_id, widget_of[deployment_id], deployment_id)
 
     try:
@@ -117,19 +101,17 @@ def run_chunk(
     except (SQLAlchemyError, deploy.InvalidJobError) as exc:
         # Nothing of the chunk is committed (a deadlock, a lost connection, one invalid job, a
         # producer-made row inserted twice): each goes the single way, which handles each case.
-        report.frozen_together = False
+        report.whole_chunk_handed_back = True
         for _, deployment_id in items:
             give_back(deployment_id, exc)
         return report
-    lock = threading.Lock()
 
     def finish(item: Item) -> DeployOutcome | None:
         deployment_id = item[1]
         try:
             done = deploy.finish_frozen(frozen[deployment_id], store)
         except TRANSIENT_ERRORS as exc:
-            with lock:
-                give_back(deployment_id, exc)
+            give_back(deployment_id, exc)
             return None
         except (S3Error, SQLAlchemyError) as exc:
             log.warning("deployment %s failed: %s", deployment_id, exc)

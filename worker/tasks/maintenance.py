@@ -13,7 +13,7 @@ from worker import producer
 from worker.celery import app
 from worker.models import utcnow
 from worker.s3 import S3Error, get_store
-from worker.services import cleanup, deploy, reconcile
+from worker.services import chunking, cleanup, deploy, reconcile
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -24,8 +24,14 @@ GIVE_UP_SECONDS = 20.0
 
 
 def send_archives(jobs: cleanup.ArchiveJobs) -> None:
+    """A batch's archive jobs, in chunk messages (per organization): claimed together and run
+    concurrently by the worker (:mod:`worker.services.archive_chunk`)."""
+    by_org: dict[str, list[tuple[str, str]]] = {}
     for org_id, widget_id, job_id in jobs:
-        producer.send_archive(org_id, widget_id, job_id)
+        by_org.setdefault(org_id, []).append((widget_id, job_id))
+    for org_id, items in by_org.items():
+        for chunk in chunking.chunks(items):
+            producer.send_archive_chunk(org_id, chunk)
 
 
 @app.task(name=c.CLEANUP_TASK, acks_late=True)
