@@ -14,6 +14,7 @@ from pydantic import AnyUrl, Field, RedisDsn, SecretStr, ValidationError, model_
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.constants import LATE_WRITE_HORIZON_SECONDS
+from worker.secret_strength import capacity_bits, is_strong
 
 DEFAULT_SQLITE_PATH = Path("var") / "widgets.db"
 DEV_SECRET_KEY = "dev-only-secret-key-never-use-in-production"  # noqa: S105 - accepted only when APP_ENV=development
@@ -22,19 +23,19 @@ DEV_ADMIN_TOKEN = "dev-admin-token"  # noqa: S105 - accepted only when APP_ENV=d
 # What .env.example puts in every value that must be replaced: with APP_ENV=production, a
 # setting that still contains it (any case) was copied, not chosen, and is refused.
 PLACEHOLDER_MARKER = "change-me"
-# Production secret rules (README, "HTTP API"): long, and varied enough to be random rather than
-# a word or a repeated character. ``secrets.token_urlsafe(32)`` satisfies both.
+# Production secret rules (README, "HTTP API"): long enough, and able to hold enough randomness
+# for its encoding (worker.secret_strength): ``openssl rand -hex 32``, ``openssl rand -base64
+# 32``, ``secrets.token_urlsafe(32)`` and a passphrase of six random words all pass.
 SECRET_KEY_MIN_BYTES = 32  # UTF-8 bytes: the HMAC key that signs access tokens
-SECRET_KEY_MIN_DISTINCT = 16
 ADMIN_TOKEN_MIN_CHARS = 24
-ADMIN_TOKEN_MIN_DISTINCT = 12
+SECRET_MIN_BITS = 128
 
 
-def is_weak_secret(value: str, min_length: int, min_distinct: int, *, in_bytes: bool) -> bool:
-    """Shorter than ``min_length`` (UTF-8 bytes or characters) or fewer than ``min_distinct``
-    distinct characters."""
+def is_weak_secret(value: str, min_length: int, *, in_bytes: bool) -> bool:
+    """Shorter than ``min_length`` (UTF-8 bytes or characters), or unable to hold
+    :data:`SECRET_MIN_BITS` bits of randomness."""
     length = len(value.encode()) if in_bytes else len(value)
-    return length < min_length or len(set(value)) < min_distinct
+    return length < min_length or not is_strong(value, SECRET_MIN_BITS)
 
 
 class DatabaseSettings(BaseSettings):
@@ -155,32 +156,26 @@ class Settings(DatabaseSettings):
 
     def _weak_in_production(self, skip: set[str]) -> list[str]:
         rules = (
-            (
-                "SECRET_KEY",
-                self.secret_key,
-                SECRET_KEY_MIN_BYTES,
-                SECRET_KEY_MIN_DISTINCT,
-                f"at least {SECRET_KEY_MIN_BYTES} bytes",
-            ),
+            ("SECRET_KEY", self.secret_key, SECRET_KEY_MIN_BYTES, f"{SECRET_KEY_MIN_BYTES} bytes"),
             (
                 "ADMIN_TOKEN",
                 self.admin_token,
                 ADMIN_TOKEN_MIN_CHARS,
-                ADMIN_TOKEN_MIN_DISTINCT,
-                f"at least {ADMIN_TOKEN_MIN_CHARS} characters",
+                f"{ADMIN_TOKEN_MIN_CHARS} characters",
             ),
         )
         problems = []
-        for name, secret, min_length, min_distinct, length_rule in rules:
+        for name, secret, min_length, length_rule in rules:
             if secret is None or name in skip:
                 continue
-            if is_weak_secret(
-                secret.get_secret_value(), min_length, min_distinct, in_bytes=name == "SECRET_KEY"
-            ):
+            value = secret.get_secret_value()
+            if is_weak_secret(value, min_length, in_bytes=name == "SECRET_KEY"):
                 problems.append(
-                    f"{name} is too weak for APP_ENV=production: it needs {length_rule} with at "
-                    f"least {min_distinct} distinct characters (e.g. the output of "
-                    "python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+                    f"{name} is too weak for APP_ENV=production: it needs at least {length_rule} "
+                    f"and room for {SECRET_MIN_BITS} bits of randomness (this one: about "
+                    f"{capacity_bits(value):.0f}; a repeated block counts once), e.g. the output "
+                    "of openssl rand -hex 32, or of "
+                    "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
                 )
         return problems + super()._weak_in_production(skip)
 
