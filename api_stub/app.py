@@ -19,6 +19,7 @@ from api_stub.routes import (
     bulk,
     deployments,
     health,
+    index,
     preferences,
     purposes,
     tenancy,
@@ -55,6 +56,7 @@ def create_app(body_read_timeout: float = BODY_READ_TIMEOUT_SECONDS) -> FastAPI:
     install_openapi(app)
     # Body limits, authentication before the body is read, no connection-closing 500s.
     app.add_middleware(EdgeMiddleware, body_read_timeout=body_read_timeout)
+    app.include_router(index.router)
     app.include_router(health.router)
     app.include_router(tenancy.router)
     app.include_router(purposes.router)

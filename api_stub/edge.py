@@ -63,6 +63,7 @@ from api_stub.errors import (
     DB_CONNECTION_LOST_STATE,
     ApiError,
     DatabaseBusy,
+    allowed_methods,
     error_body,
     unavailable_headers,
     unavailable_message,
@@ -215,6 +216,16 @@ class EdgeMiddleware:
     async def _authenticate(self, scope: Scope, headers: Headers, kind: RouteKind) -> None:
         if kind == "public":
             return
+        try:
+            await self._check_credentials(scope, headers, kind)
+        except ApiError as exc:
+            # A path no route serves is the application's 404, whoever asks (the routes are
+            # public: /openapi.json); checked only on a refusal, so it costs the hot path nothing.
+            if exc.code in (401, 403) and not allowed_methods(scope["app"], scope["path"]):
+                return
+            raise
+
+    async def _check_credentials(self, scope: Scope, headers: Headers, kind: RouteKind) -> None:
         settings = get_settings()
         authorization = headers.get("authorization")
         if kind == "admin":

@@ -126,6 +126,20 @@ def _field_name(loc: tuple[Any, ...]) -> str:
     return ".".join(parts) or "body"
 
 
+def _json_error(err: Any, body: Any) -> str:
+    """A malformed JSON body's error, where a person looks for it: line and column (FastAPI
+    gives the character offset as the error's location)."""
+    loc = tuple(err.get("loc", ()))
+    reason = str((err.get("ctx") or {}).get("error") or "not valid JSON")
+    offset = loc[-1] if loc and isinstance(loc[-1], int) else None
+    if offset is None:
+        return f"invalid JSON: {reason}"
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body or "")
+    line = text.count("\n", 0, offset) + 1
+    column = offset - text.rfind("\n", 0, offset)
+    return f"invalid JSON at line {line}, column {column}: {reason}"
+
+
 def _path_patterns(app: FastAPI) -> list[tuple[re.Pattern[str], frozenset[str]]]:
     cached: list[tuple[re.Pattern[str], frozenset[str]]] | None = getattr(
         app.state, "path_patterns", None
@@ -163,6 +177,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         errors: dict[str, str] = {}
         for err in exc.errors():
+            if err.get("type") == "json_invalid":
+                errors.setdefault("body", _json_error(err, exc.body))
+                continue
             msg = str(err.get("msg", "invalid"))
             if err.get("type") == "extra_forbidden":
                 msg = "unknown field"

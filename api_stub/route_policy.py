@@ -36,7 +36,7 @@ class RoutePolicy:
 # Routes anyone may call; the admin routes; every other path is an organization route (so a
 # new route is authenticated here unless it is listed). tests/api_stub/test_body_limits.py checks
 # these tables against the routes' own dependencies and bodies in the OpenAPI.
-PUBLIC_PATHS = frozenset({"/health", "/sessions", "/openapi.json", "/docs"})
+PUBLIC_PATHS = frozenset({"/", "/health", "/sessions", "/openapi.json", "/docs"})
 PUBLIC_PREFIXES = ("/docs/",)
 ADMIN_PATHS = frozenset({"/organizations"})
 ADMIN_PREFIXES = ("/organizations/",)

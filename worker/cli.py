@@ -9,14 +9,51 @@ import sys
 from worker import cli_redeploy
 from worker.settings import ConfigurationError, get_settings
 
+DESCRIPTION = """\
+Operator commands for the widget deployment worker: they act on the same database and broker
+as the API and the workers (and celery beat, which runs cleanup and reconcile on a schedule).
+
+environment (the same settings as the workers; see README, Configuration):
+  APP_ENV            production (default: every secret required) or development
+  DATABASE_URL       the database (default in development: sqlite:///var/widgets.db)
+  CELERY_BROKER_URL  the Redis broker jobs are sent to
+  S3_BUCKET, S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY  the object store
+  DRAFT_RETENTION_DAYS  how long an unedited draft lives (cleanup)
+
+exit status: 0 done, 2 bad arguments or configuration (redeploy: also 1 and 3, see its --help)
+"""
+CLEANUP_DESCRIPTION = (
+    "Archive draft widgets (never published) not edited for DRAFT_RETENTION_DAYS days and with "
+    "no deployment in flight, through their archive jobs: what celery beat runs daily."
+)
+RECONCILE_DESCRIPTION = (
+    "Re-send jobs accepted but never run (their message lost, or never sent while the broker "
+    "was down), recover deployments stuck running, and give up jobs past their attempts: what "
+    "celery beat runs every RECONCILE_SCHEDULE_SECONDS."
+)
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.cli")
-    sub = parser.add_subparsers(dest="command", required=True)
-    clean = sub.add_parser("cleanup", help="archive draft widgets not edited for the retention")
-    clean.add_argument("--dry-run", action="store_true", help="list what would be archived")
-    clean.add_argument("--days", type=int, help="override DRAFT_RETENTION_DAYS")
-    sub.add_parser("reconcile", help="re-send lost jobs and recover stuck ones now")
+    parser = argparse.ArgumentParser(
+        prog="python -m worker.cli",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    clean = sub.add_parser(
+        "cleanup",
+        help="archive drafts not edited for DRAFT_RETENTION_DAYS days",
+        description=CLEANUP_DESCRIPTION,
+    )
+    clean.add_argument(
+        "--dry-run", action="store_true", help="list what would be archived (JSON lines)"
+    )
+    clean.add_argument("--days", type=int, help="retention in days (default: DRAFT_RETENTION_DAYS)")
+    sub.add_parser(
+        "reconcile",
+        help="re-send lost jobs and recover stuck ones now",
+        description=RECONCILE_DESCRIPTION,
+    )
     cli_redeploy.add_parser(sub)
     args = parser.parse_args(argv)
     try:

@@ -28,7 +28,19 @@ EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 1, 2, 3
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = sub.add_parser("redeploy", help="redeploy many widgets and follow the progress")
+    p = sub.add_parser(
+        "redeploy",
+        help="redeploy many widgets and follow the progress",
+        description=(
+            "Create a bulk redeploy of one organization's widgets (those a selector names), send "
+            "it, and follow it with a progress bar until every deployment is final."
+        ),
+        epilog=(
+            f"exit status: 0 every deployment succeeded, {EXIT_FAILED} the job ended failure "
+            f"(a deployment failed, or the fan-out was given up), {EXIT_USAGE} bad arguments, "
+            f"{EXIT_TIMEOUT} --timeout passed first (the job goes on)"
+        ),
+    )
     p.add_argument("--organization", required=True, help="organization id")
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--purpose", help="widgets whose live snapshot embeds this purpose")
@@ -38,7 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
     )
     which.add_argument("--widget", nargs="+", help="these widgets")
     p.add_argument("--reason", help="recorded on the bulk job and its deployments")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds to wait (default 3600)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600,
+        help="seconds to follow the job (default: %(default)g)",
+    )
 
 
 def _selector(args: argparse.Namespace) -> dict[str, object]:
