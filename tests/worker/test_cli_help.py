@@ -1,4 +1,5 @@
-"""``python -m worker.cli --help`` and each command's: what an operator reads first."""
+"""``python -m worker.cli --help`` and each command's, and its first error: what an operator reads
+first."""
 
 from __future__ import annotations
 
@@ -48,3 +49,18 @@ def test_each_command_has_a_description(command: str, says: list[str]) -> None:
     text = " ".join(cli_help(command).split())  # argparse wraps lines: compare words
     for phrase in says:
         assert phrase in text, (command, phrase)
+
+
+def test_a_database_nobody_migrated_is_one_line_not_a_traceback(tmp_path):
+    env = {**os.environ, "APP_ENV": "development", "DATABASE_URL": f"sqlite:///{tmp_path}/x.db"}
+    out = subprocess.run(
+        [sys.executable, "-m", "worker.cli", "cleanup", "--dry-run"],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "no such table" in out.stderr and "alembic upgrade head" in out.stderr
