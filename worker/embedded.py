@@ -137,6 +137,27 @@ class Stack:
         )
         return "export " + " ".join(f"{name}={self.env[name]}" for name in names)
 
+    def write_env_file(self, path: Path) -> Path:
+        """``export`` lines for a shell: ``$API``, ``$ADMIN_TOKEN`` and the settings that point
+        ``python -m worker.cli`` at this stack (the README's walkthrough starts from them)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.env_file, self.env_text = (
+            path,
+            (
+                "# written by ./dev serve; removed when it stops\n"
+                f"export API={self.api}\nexport ADMIN_TOKEN={ADMIN_TOKEN}\n"
+                f"{self.cli_environment()}\n"
+            ),
+        )
+        path.write_text(self.env_text)
+        return path
+
+    def remove_env_file(self) -> None:
+        """Remove the env file, unless another ``./dev serve`` has written its own since."""
+        path = getattr(self, "env_file", None)
+        if path is not None and path.exists() and path.read_text() == self.env_text:
+            path.unlink()
+
     def describe(self, org_id: str, token: str, s3_key: str) -> list[str]:
         s3 = self.env["S3_ENDPOINT_URL"]
         key_id, secret = self.env["AWS_ACCESS_KEY_ID"], self.env["AWS_SECRET_ACCESS_KEY"]
@@ -228,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep", action="store_true", help="keep this run's folder under var/ (logs, database)"
     )
+    parser.add_argument(
+        "--env-file",
+        type=Path,
+        default=PROJECT_ROOT / "var" / "dev.env",
+        help="serve: where to write the stack's settings for `source` (default var/dev.env)",
+    )
     args = parser.parse_args(argv)
     for stream in (sys.stdout, sys.stderr):
         if isinstance(stream, io.TextIOWrapper):
@@ -259,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             print("")
             for line in stack.describe(org["id"], token, dep["s3_key"]):
                 print(line)
+            env_file = stack.write_env_file(args.env_file)
+            print(f"in another shell, `source {env_file}` sets all of the above")
             kept = "kept at stop" if keep else "removed at stop; --keep keeps it"
             print(f"logs and database: {var} ({kept})\nCtrl-C stops everything.")
             while all(p.alive() for p in stack.procs):
@@ -274,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
         close_store()
         stack.stop()
+        stack.remove_env_file()
         if not keep:
             shutil.rmtree(var, ignore_errors=True)
 

@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -65,8 +66,17 @@ class Serve:
         self.sig = sig
         env = {**os.environ, "WORKER_CONCURRENCY": "1"}
         env.pop("PYTHONUNBUFFERED", None)  # line buffering must come from the program itself
+        # Its own env file: never the developer's var/dev.env.
+        self.env_file = Path(tempfile.mkdtemp(prefix="serve-env-")) / "dev.env"
         self.proc = subprocess.Popen(
-            [str(BIN_DIR / "python"), "-m", "worker.embedded", "serve"],
+            [
+                str(BIN_DIR / "python"),
+                "-m",
+                "worker.embedded",
+                "serve",
+                "--env-file",
+                str(self.env_file),
+            ],
             cwd=PROJECT_ROOT,
             env=env,
             stdout=subprocess.PIPE,
