@@ -153,7 +153,7 @@ async def bounded(concurrency: int, coros: list[Any]) -> list[Any]:
 
 
 def send_deploy(org_id: str, widget_id: str, deployment_id: str | None = None) -> str:
-    """The plain-producer path of the README (no HTTP)."""
+    """The plain-producer path of docs/api.md (no HTTP)."""
     from worker.celery import app
 
     dep_id = deployment_id or str(uuid.uuid4())

@@ -15,7 +15,7 @@ DESCRIPTION = """\
 Operator commands for the widget deployment worker: they act on the same database and broker
 as the API and the workers (and celery beat, which runs cleanup and reconcile on a schedule).
 
-environment (the same settings as the workers; see README, Configuration):
+environment (the same settings as the workers; see docs/configuration.md):
   APP_ENV            production (default: every secret required) or development
   DATABASE_URL       the database (default in development: sqlite:///var/widgets.db)
   CELERY_BROKER_URL  the Redis broker jobs are sent to

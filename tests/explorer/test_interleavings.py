@@ -4,7 +4,7 @@ Each scenario is two or three actors (see :mod:`tests.explorer.world`) whose ste
 transactions and S3 calls — are run **in every order** by :mod:`tests.explorer.scheduler`,
 with, in turn, a crash at every step boundary of the actors allowed to crash (their job then
 redelivered), an S3 write held up in the network (it lands later; the worker saw a timeout), or
-a write whose answer is lost. After each schedule the invariants of the README's Guarantees are
+a write whose answer is lost. After each schedule the invariants of docs/guarantees.md are
 checked against the real database and the real S3 (moto): every accepted job ended final; the
 file is the newest recorded snapshot and ``live_deployment_id`` names the deployment whose
 bytes they are; a failed deployment's bytes are not live; nothing of an archived widget is live;
@@ -322,7 +322,7 @@ def _explore(name: str, schedules: Any, explorer: Explorer, run_one: RunOne) -> 
     return figures
 
 
-# Too long for every CI run (minutes each, figures in the README); run with EXPLORER_ALL=1.
+# Too long for every CI run (minutes each, figures in docs/guarantees.md); run with EXPLORER_ALL=1.
 SLOW = {
     "older-deploy-held-vs-revert-to-live-content",
     "first-delivery-vs-give-up-of-the-same-deployment",

@@ -289,7 +289,7 @@ class World:
         )
 
     def violations(self, s3: Any, bucket: str) -> list[str]:
-        """Everything the README's Guarantees promise about this widget's end state."""
+        """Everything docs/guarantees.md promises about this widget's end state."""
         problems: list[str] = []
         file_body, file_meta = _read(s3, bucket, self.key)
         with unit_of_work() as s:

@@ -4,7 +4,7 @@ final, one row per job, each widget's file its newest successful deployment's co
 left ``running``).
 
 Each test records its figures with the ``guarantee`` fixture; they are printed at the end of the
-run and written to ``var/reliability-last-run.json`` (the README's "Guarantees" table).
+run and written to ``var/reliability-last-run.json`` (the table of docs/guarantees.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Print the README's "Guarantees" table from the fault suite's last run.
+"""Print the "Guarantees" table of docs/guarantees.md from the fault suite's last run.
 
 ``python -m tests.support.guarantees_table`` reads ``var/reliability-last-run.json`` (written by
 ``tests/reliability/conftest.py`` at the end of a run) and prints one Markdown row per fault:

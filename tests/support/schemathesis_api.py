@@ -13,7 +13,7 @@
   ``object_level_authorization`` cannot probe here (it swaps credentials only, while our tenant
   is also named by ``?organization_id=``, so it could only ever see the 403 of a token used for
   another organization): whatever one organization reached by a path with IDs, another
-  organization (its own token and ``organization_id``) gets a 404 for (README: another
+  organization (its own token and ``organization_id``) gets a 404 for (docs/api.md: another
   organization's objects are 404, never visible);
 * :meth:`LiveApi.location_resolves`: a ``Location`` header leads to the object answered
   (``response_headers_conformance`` checks only that it is there and a string).
@@ -50,7 +50,7 @@ SEMANTIC_REJECTIONS: dict[str, tuple[str, ...]] = {
     "POST /widgets/deployments": ("source_deployment_id",),
     # both deployments must have a frozen snapshot
     "GET /widgets/deployments/{deployment_id}/diff": ("deployment_id",),
-    # the bytes must be an allowed image, of the declared type (README: decided by the bytes)
+    # the bytes must be an allowed image, of the declared type (docs/api.md: decided by the bytes)
     "POST /widgets/{widget_id}/assets": ("file",),
     # a value id must be one of this preference's values (given at most once)
     "PATCH /preferences/{preference_id}": ("values.",),

@@ -109,7 +109,7 @@ def test_archive_end_state_by_status(sqlite_database, org, celery_worker, s3, st
     assert (a["organization_id"], a["name"], a["format"]) == (org.id, published_name, w["format"])
     assert (a["template_id"], a["last_domain_used"]) == (w["template_id"], "www.example.com")
     assert iso_utc(a["widget_created_at"]) == w["created_at"]
-    # The README's promise: the latest deployment of an archived widget holds its configuration.
+    # docs/semantics.md: the latest deployment of an archived widget holds its configuration.
     listed = org.req("GET", "/widgets/deployments", params={"widget_id": w["id"]}).json()
     assert [d["id"] for d in listed] == [d["id"] for d in deployed]
     latest = listed[-1]

@@ -16,7 +16,7 @@ from worker.services.deploy import run_deployment
 
 # Statements (reads and writes; BEGIN/COMMIT apart) of one deploy in the worker, for a widget
 # with one purpose and one preference (with a value), and its transactions. What bounds them
-# (README, Performance): the deployment's locked read comes before knowing whether a sequence is
+# (docs/performance.md): the deployment's locked read comes before knowing whether a sequence is
 # taken; the snapshot reads one statement per kind of catalog item, and writes its refs; the
 # "newer waiting" check must come after the widget's lock; the outcome is the deployment's
 # UPDATE and the widget's compare-and-set (a redeploy also prunes the older snapshots' refs; a

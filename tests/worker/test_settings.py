@@ -16,7 +16,7 @@ from worker.processes import BIN_DIR
 from worker.settings import Settings
 
 SECRETS = ("SECRET_KEY", "ADMIN_TOKEN", "FLOWER_BASIC_AUTH", "APP_ENV")
-# Strong enough for production (what the README tells operators to generate).
+# Strong enough for production (what docs/api.md tells operators to generate).
 STRONG_KEY = secrets.token_urlsafe(32)
 STRONG_TOKEN = secrets.token_urlsafe(32)
 
