@@ -24,8 +24,9 @@ DEV_ADMIN_TOKEN = "dev-admin-token"  # noqa: S105 - accepted only when APP_ENV=d
 # setting that still contains it (any case) was copied, not chosen, and is refused.
 PLACEHOLDER_MARKER = "change-me"
 # Production secret rules (docs/api.md, "Tenancy and credentials"): long enough, and able to
-# hold enough randomness for its encoding (worker.secret_strength): ``openssl rand -hex 32``, ``openssl rand -base64
-# 32``, ``secrets.token_urlsafe(32)`` and a passphrase of six random words all pass.
+# hold enough randomness for its encoding (worker.secret_strength): ``openssl rand -hex 32``,
+# ``openssl rand -base64 32``, ``secrets.token_urlsafe(32)`` and a passphrase of six random words
+# all pass.
 SECRET_KEY_MIN_BYTES = 32  # UTF-8 bytes: the HMAC key that signs access tokens
 ADMIN_TOKEN_MIN_CHARS = 24
 SECRET_MIN_BITS = 128

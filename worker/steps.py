@@ -2,9 +2,10 @@
 
 A job (a deploy, an archive, a catalog edit) is a sequence of **steps**: database transactions
 and S3 calls. Every guarantee of docs/guarantees.md is stated about what holds whatever happens
-between two steps: another job's steps, a crash (the job stops here and is redelivered), a request that
-never gets its answer. Each transaction names its step (``unit_of_work("deploy.freeze")``), and
-S3 calls are steps of their own (``s3.put``, ``s3.head``...), named by whoever wraps the store.
+between two steps: another job's steps, a crash (the job stops here and is redelivered), a
+request that never gets its answer. Each transaction names its step
+(``unit_of_work("deploy.freeze")``), and S3 calls are steps of their own (``s3.put``,
+``s3.head``...), named by whoever wraps the store.
 
 :func:`reached` calls the installed hook, if any, just before a step starts. In production no
 hook is installed and it costs one global read. The interleaving explorer of the test suite
