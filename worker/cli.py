@@ -8,7 +8,7 @@ import sys
 
 from sqlalchemy.exc import OperationalError
 
-from worker import cli_redeploy
+from worker import cli_redeploy, cli_status
 from worker.settings import ConfigurationError, Settings, get_settings
 
 DESCRIPTION = """\
@@ -22,7 +22,8 @@ environment (the same settings as the workers; see docs/configuration.md):
   S3_BUCKET, S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY  the object store
   DRAFT_RETENTION_DAYS  how long an unedited draft lives (cleanup)
 
-exit status: 0 done, 2 bad arguments or configuration (redeploy: also 1 and 3, see its --help)
+exit status: 0 done, 2 bad arguments or configuration (redeploy and status: also 1; see their
+--help)
 """
 CLEANUP_DESCRIPTION = (
     "Archive draft widgets (never published) not edited for DRAFT_RETENTION_DAYS days and with "
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         description=RECONCILE_DESCRIPTION,
     )
     cli_redeploy.add_parser(sub)
+    cli_status.add_parsers(sub)
     args = parser.parse_args(argv)
     try:
         settings = get_settings()
@@ -79,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "redeploy":
         return cli_redeploy.run(args)
+    if args.command == "status":
+        return cli_status.run_status(args)
+    if args.command == "deployments":
+        return cli_status.run_tail(args)
     if args.command == "cleanup":
         days = args.days or settings.draft_retention_days
         if args.dry_run:
