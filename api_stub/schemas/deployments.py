@@ -123,5 +123,7 @@ class BulkPublic(OutputModel):
     selector: JsonObject
     created_by: str
     reason: str | None
+    # Why the fan-out was given up (the status then ends ``failure``); null otherwise.
+    error: str | None
     created_at: Timestamp
     updated_at: Timestamp

@@ -200,6 +200,8 @@ def test_a_fan_out_that_never_progresses_is_given_up_and_reads_failure(database,
     state = progress(bulk_id)
     assert (state.status, state.success, state.failure) == ("failure", 1, 0), state
     assert state.error == job.error
+    shown = org.req("GET", f"/widgets/deployments/bulk/{bulk_id}").json()  # what a client reads
+    assert (shown["status"], shown["error"]) == ("failure", job.error), shown
     assert bulk.fan_out(bulk_id, lambda *_: None) == Slice(0, 0, True)  # stays given up
 
 
