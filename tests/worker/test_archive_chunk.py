@@ -59,8 +59,11 @@ def test_a_chunk_claims_its_jobs_in_one_transaction_and_archives_every_widget(da
     assert back == [] and not report.whole_chunk_handed_back
     assert [(o.status, o.result) for o in report.outcomes] == [("success", "deleted")] * 4
     assert widget_rows([w for w, _ in items]) == []
-    # The claims share one transaction: one fewer per job after the first.
-    assert seen.begins == len(items) * one.begins - (len(items) - 1), seen.breakdown()
+    # A chunk's transactions do not grow with its jobs: the claims share one, the rows and
+    # statuses another (a single archive needs several of its own).
+    print(f"\nsingle archive: {one.begins} transactions; chunk of {len(items)}: {seen.begins}")
+    assert one.begins >= 4, one.breakdown()
+    assert seen.begins <= 3, seen.breakdown()
 
 
 def test_an_archive_whose_s3_calls_keep_failing_is_handed_back_to_a_single_archive(

@@ -171,14 +171,29 @@ def _delete_assets(organization_id: str, widget_id: str, store: Callable[[], S3S
 
 def _remove_widget(job_id: str) -> None:
     with unit_of_work("archive.remove_widget") as session:
-        job = session.get(ArchiveJob, job_id)
-        assert job is not None
-        widget = lock_widget(session, job.organization_id, job.widget_id)
-        if widget is None:
-            return  # done by an earlier delivery
-        if job.result == RESULT_ARCHIVED and session.get(ArchivedWidget, widget.id) is None:
-            session.add(_archived_copy(session, widget))
-        session.delete(widget)
+        remove_in(session, job_id)
+
+
+def remove_in(session: Session, job_id: str) -> None:
+    """Step 4 in ``session``: the row goes (a copy kept unless the plan is ``deleted``)."""
+    job = session.get(ArchiveJob, job_id)
+    assert job is not None
+    widget = lock_widget(session, job.organization_id, job.widget_id)
+    if widget is None:
+        return  # done by an earlier delivery
+    if job.result == RESULT_ARCHIVED and session.get(ArchivedWidget, widget.id) is None:
+        session.add(_archived_copy(session, widget))
+    session.delete(widget)
+
+
+def finish_in(session: Session, job_id: str) -> ArchiveOutcome:
+    """The job's ``success`` in ``session``, unless another delivery already ended it."""
+    final = session.get(ArchiveJob, job_id)
+    assert final is not None
+    if not job_state.is_final(final):
+        job_state.finish(final, "success")
+        session.add(final)
+    return job_outcome(final)
 
 
 def _archived_copy(session: Session, widget: Widget) -> ArchivedWidget:
@@ -223,29 +238,33 @@ def finish_claimed(job: ArchiveJob, store: Callable[[], S3Store]) -> ArchiveOutc
     """Steps 2 to 4 of a claimed job (nothing, if the claim found it final)."""
     if job_state.is_final(job):
         return job_outcome(job)
+    with unit_of_work("archive.read_keys") as session:
+        org = session.get(Organization, job.organization_id)
+        assert org is not None
+        api_key = org.api_key
+    take_down_objects(job, api_key, store)
+    _remove_widget(job.id)
+    with unit_of_work("archive.finish") as session:
+        return finish_in(session, job.id)
+
+
+def take_down_objects(
+    job: ArchiveJob, api_key: str, store: Callable[[], S3Store], *, has_assets: bool = True
+) -> None:
+    """Steps 2 and 3: the widget's assets, anything else under its prefix, its container file.
+    ``has_assets`` False: the caller saw no asset row after the claim (none can be added since:
+    an upload checks ``archived_at``), so the rows are not looked for again."""
     organization_id, widget_id = job.organization_id, job.widget_id
-    _delete_assets(organization_id, widget_id, store)
+    if has_assets:
+        _delete_assets(organization_id, widget_id, store)
     # The container file goes before the row: a failure here leaves the widget (archived,
     # invisible) in place, so a new DELETE can retry the whole job. Deleting it for drafts too
     # covers a first deploy killed between its upload and its commit.
-    with unit_of_work("archive.read_keys") as session:
-        org = session.get(Organization, organization_id)
-        assert org is not None
-        key = container_key(org.api_key, widget_id)
-        prefix = asset_prefix(org.api_key, widget_id)
     # Objects whose row is gone or never committed (an upload racing this archive, or one whose
     # API process died mid-way): nothing under the widget's prefix may outlive it.
-    for orphan in store().list_keys(prefix):
+    for orphan in store().list_keys(asset_prefix(api_key, widget_id)):
         store().delete(orphan)
-    store().delete(key)
-    _remove_widget(job.id)
-    with unit_of_work("archive.finish") as session:
-        final = session.get(ArchiveJob, job.id)
-        assert final is not None
-        if not job_state.is_final(final):
-            job_state.finish(final, "success")
-            session.add(final)
-        return job_outcome(final)
+    store().delete(container_key(api_key, widget_id))
 
 
 def note_retry(archive_job_id: str, error: str) -> None:

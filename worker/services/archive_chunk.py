@@ -8,19 +8,24 @@ each) instead of one message per widget. One delivery of a chunk:
 1. **claims** every job of the chunk in one transaction (``archive.claim_chunk``), in widget-id
    order, each exactly as a single archive's claim does (:func:`archive.claim_in`: the widget
    locked, the plan fixed, the attempt counted);
-2. **runs** the claimed jobs concurrently on this process's threads
+2. **takes down** the claimed jobs' objects concurrently on this process's threads
    (:mod:`worker.services.chunking`), each through the single archive's
-   :func:`archive.finish_claimed` (assets, the container file, the row, the job's status);
-3. **hands back** every job that reached no outcome for a reason a single archive retries (a
+   :func:`archive.take_down_objects` (assets, anything under the widget's prefix, the container
+   file), after one read of the organization's ``api_key`` and of which widgets have asset rows;
+3. **removes** the rows and records every ``success`` in one transaction
+   (``archive.finish_chunk``: :func:`archive.remove_in` and :func:`archive.finish_in` per job);
+4. **hands back** every job that reached no outcome for a reason a single archive retries (a
    transient S3 error, a lost database connection, a whole claim that failed) as a single
    ``widgets.archive`` message, which has the retries and the attempts cap. A permanent error
    fails the job as a single archive's task would (:func:`archive.record_failure`).
 
-Each job takes the same steps as a single archive, so it keeps the same guarantees (resumable at
-any line, idempotent); only the claim's transaction is shared. A claim that fails commits
-nothing; a delivery that dies after it is redelivered (``acks_late``) and resumes each job from
-its stored plan. A hand-back whose send fails leaves the job for the reconciler, which reads
-chunk messages as holding their jobs (:func:`worker.producer.jobs_in_broker`).
+Each job takes the same steps as a single archive in the same order (objects before rows), so
+it keeps the same guarantees (resumable at any line, idempotent); only the transactions are
+shared. A claim or a finish that fails commits nothing (the finish's jobs are then handed back:
+their objects are gone already, deleting them again is harmless); a delivery that dies is
+redelivered (``acks_late``) and resumes each job from its stored plan. A hand-back whose send
+fails leaves the job for the reconciler, which reads chunk messages as holding their jobs
+(:func:`worker.producer.jobs_in_broker`).
 """
 
 from __future__ import annotations
@@ -30,12 +35,13 @@ import threading
 from collections.abc import Callable, Sequence
 
 from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlmodel import col, select
 
 from worker.db import read_session, unit_of_work
 from worker.ids import require_safe_id
-from worker.models import ArchiveJob
+from worker.models import ArchiveJob, Organization, WidgetAsset
 from worker.s3 import S3Error, S3Store, TransientS3Error
-from worker.services import archive
+from worker.services import archive, job_state
 from worker.services.chunking import ChunkReport, MapFn, concurrently
 from worker.services.deploy import InvalidJobError
 from worker.services.job_state import readable
@@ -93,11 +99,23 @@ def run_chunk(
         for _, job_id in items:
             give_back(job_id, exc)
         return report
+    open_jobs = {j: job for j, job in claimed.items() if not job_state.is_final(job)}
+    report.outcomes.extend(
+        archive.job_outcome(job) for job in claimed.values() if job.id not in open_jobs
+    )
+    if not open_jobs:
+        return report
+    api_key, with_assets = _read_chunk(
+        organization_id, [job.widget_id for job in open_jobs.values()]
+    )
+    taken_down: list[str] = []
 
-    def finish(item: Item) -> None:
+    def take_down(item: Item) -> None:
         widget_id, job_id = item
         try:
-            done = archive.finish_claimed(claimed[job_id], store)
+            archive.take_down_objects(
+                open_jobs[job_id], api_key, store, has_assets=widget_id in with_assets
+            )
         except TRANSIENT_ERRORS as exc:
             give_back(job_id, exc)
             return
@@ -105,8 +123,52 @@ def run_chunk(
             log.warning("archive job %s failed: %s", job_id, exc)
             archive.record_failure(organization_id, widget_id, job_id, readable(exc))
             done = _outcome_of(job_id)
+            with lock:
+                report.outcomes.append(done)
+            return
         with lock:
-            report.outcomes.append(done)
+            taken_down.append(job_id)
 
-    map_fn(finish, sorted(items))
+    map_fn(take_down, sorted(item for item in items if item[1] in open_jobs))
+    if taken_down:
+        in_widget_order = sorted(taken_down, key=lambda j: open_jobs[j].widget_id)
+        _finish_chunk(in_widget_order, report, give_back)
     return report
+
+
+def _read_chunk(organization_id: str, widget_ids: list[str]) -> tuple[str, set[str]]:
+    """The organization's ``api_key`` and which of the widgets have asset rows: one read for
+    the chunk instead of two per job."""
+    with read_session("archive.read_chunk") as session:
+        org = session.get(Organization, organization_id)
+        assert org is not None  # the claim found it
+        with_assets = session.exec(
+            select(WidgetAsset.widget_id)
+            .where(
+                WidgetAsset.organization_id == organization_id,
+                col(WidgetAsset.widget_id).in_(widget_ids),
+            )
+            .distinct()
+        ).all()
+        return org.api_key, set(with_assets)
+
+
+def _finish_chunk(
+    job_ids: list[str],
+    report: ChunkReport[archive.ArchiveOutcome],
+    give_back: Callable[[str, object], None],
+) -> None:
+    """Step 4 and the status of every job whose objects are down, in one transaction (widget-id
+    order, as the claim locked them). If it fails, nothing of it is committed: each job goes
+    the single way (its objects are gone already; deleting them again is harmless)."""
+    try:
+        with unit_of_work("archive.finish_chunk") as session:
+            done = []
+            for job_id in job_ids:
+                archive.remove_in(session, job_id)
+                done.append(archive.finish_in(session, job_id))
+    except TRANSIENT_ERRORS as exc:
+        for job_id in job_ids:
+            give_back(job_id, exc)
+        return
+    report.outcomes.extend(done)
