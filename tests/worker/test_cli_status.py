@@ -8,8 +8,10 @@ import os
 import subprocess
 import sys
 import time
+from typing import Any
 
 from tests.conftest import PROJECT_ROOT
+from tests.support.jobs import poll
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -26,8 +28,15 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_status_reports_queues_workers_and_jobs_by_state(sqlite_database, org, celery_worker):
     done = org.wait_deployment(org.deploy(org.widget()["id"])["id"])
     assert done["status"] == "success", done
-    out = cli("status", "--json")
-    report = json.loads(out.stdout)
+
+    def answered() -> tuple[subprocess.CompletedProcess[str], dict[str, Any]] | None:
+        # The session's worker runs a solo pool: it answers a ping only between tasks, so a
+        # task another test left running can make one ping time out.
+        out = cli("status", "--json")
+        report = json.loads(out.stdout)
+        return (out, report) if report["workers"] else None
+
+    out, report = poll(answered, 30, "a status with the session's worker answering")
     assert set(report["queues"]) >= {"deployments", "archives", "maintenance"}
     assert report["workers"], report  # the session's worker answered the ping
     assert out.returncode == 0 and report["healthy"], out.stderr
