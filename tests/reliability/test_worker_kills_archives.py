@@ -43,6 +43,7 @@ from tests.support.worker_kills import (
     SCALE,
     SPAN,
     WORKER_SIGTERM,
+    HeldTail,
     Stack,
     assert_faults_landed,
     inject,
@@ -74,14 +75,19 @@ class ArchiveLoad(CallLog):
     calls: list[Call] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def archive_once(self, widget_id: str, pace: float) -> None:
-        self.timed_call("DELETE", f"/widgets/{widget_id}")  # a 202's body is the archive job
+    def archive_once(self, i: int, pace: float, tail: HeldTail) -> None:
+        tail.wait_turn(i)
+        self.timed_call("DELETE", f"/widgets/{self.widget_ids[i]}")  # 202: the archive job
         time.sleep(pace)
 
-    def in_background(self, pace: float) -> threading.Thread:
+    def in_background(self, pace: float, tail: HeldTail) -> threading.Thread:
         def run() -> None:
             with ThreadPoolExecutor(self.threads) as pool:
-                list(pool.map(lambda w: self.archive_once(w, pace), self.widget_ids))
+                list(
+                    pool.map(
+                        lambda i: self.archive_once(i, pace, tail), range(len(self.widget_ids))
+                    )
+                )
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
@@ -218,8 +224,11 @@ def test_archives_survive_repeated_worker_kills(
                 assert r.status_code == 200, r.text
         kill_stack.proxy.slow(0.25)  # an archive makes a few S3 calls: work is in flight
         load = ArchiveLoad(org, list(plan), threads=2)
-        runner = load.in_background(pace=load.threads * SPAN / ARCHIVES)
-        chaos, start, end = inject(kill_stack, fault, runner, lambda: archive_jobs(org.id))
+        tail = HeldTail(ARCHIVES)
+        runner = load.in_background(pace=load.threads * SPAN / ARCHIVES, tail=tail)
+        chaos, start, end = inject(
+            kill_stack, fault, runner, lambda: archive_jobs(org.id), tail=tail
+        )
         jobs = wait_archives_final(org.id, ARCHIVES, 150)
         wait_broker_drained(kill_stack.broker, 60)
         kill_stack.proxy.slow(0)

@@ -38,6 +38,7 @@ from tests.support.worker_kills import (
     SCALE,
     SPAN,
     WORKER_SIGTERM,
+    HeldTail,
     Stack,
     assert_faults_landed,
     inject,
@@ -82,8 +83,12 @@ def test_deploys_survive_repeated_worker_kills(
         widgets = [org.widget() for _ in range(WIDGETS)]
         kill_stack.proxy.slow(0.05)  # uploads take a while: work is in flight when a kill lands
         load = EditingLoad(org, widgets, threads=4)
-        runner = load.in_background(DEPLOYS, pace=load.threads * SPAN / DEPLOYS)
-        chaos, start, end = inject(kill_stack, fault, runner, lambda: org_deployments(org.id))
+        tail = HeldTail(DEPLOYS)
+        pace = load.threads * SPAN / DEPLOYS
+        runner = load.in_background(DEPLOYS, pace=pace, wait_turn=tail.wait_turn)
+        chaos, start, end = inject(
+            kill_stack, fault, runner, lambda: org_deployments(org.id), tail=tail
+        )
         final = wait_all_final(org.id, 150, tick=reconcile_now)
         wait_broker_drained(kill_stack.broker, 60)
         counts = check(org.id, load.accepted, kill_stack.s3, BUCKET)

@@ -270,10 +270,15 @@ class Load(CallLog):
         widget = self.widgets[i % len(self.widgets)]
         return self.timed_call("POST", "/widgets/deployments", json={"widget_id": widget["id"]})
 
-    def run(self, count: int, pace: float = 0.0) -> None:
-        """``count`` requests, started at most every ``pace`` seconds per thread."""
+    def run(
+        self, count: int, pace: float = 0.0, wait_turn: Callable[[int], None] | None = None
+    ) -> None:
+        """``count`` requests, started at most every ``pace`` seconds per thread; request ``i``
+        first waits for ``wait_turn(i)`` (e.g. a fault harness holding the tail)."""
 
         def one(i: int) -> None:
+            if wait_turn is not None:
+                wait_turn(i)
             self.deploy_once(i)
             if pace:
                 time.sleep(pace)
@@ -281,8 +286,10 @@ class Load(CallLog):
         with ThreadPoolExecutor(self.threads) as pool:
             list(pool.map(one, range(count)))
 
-    def in_background(self, count: int, pace: float = 0.0) -> threading.Thread:
-        thread = threading.Thread(target=self.run, args=(count, pace), daemon=True)
+    def in_background(
+        self, count: int, pace: float = 0.0, wait_turn: Callable[[int], None] | None = None
+    ) -> threading.Thread:
+        thread = threading.Thread(target=self.run, args=(count, pace, wait_turn), daemon=True)
         thread.start()
         return thread
 
