@@ -130,8 +130,8 @@ MUTATIONS.append(
     Mutation(
         "chunk-drops-what-it-cannot-finish",
         "chunk: a deployment whose upload failed is left running",
-        "worker/services/deploy_chunk.py",
-        "        hand_back(organization_id, widget_of[deployment_id], deployment_id)\n",
+        "worker/services/chunking.py",
+        "        self.send_single(self.organization_id, self.widget_of[job_id], job_id)\n",
         "",
         f"{EXPLORER}[chunk-vs-edit-and-deploy]",
     )

@@ -234,23 +234,11 @@ class World:
 
     def archive(self, store: Callable[[], Any]) -> tuple[Callable[[], None], Callable[[], None]]:
         """DELETE /widgets/{id} then ``widgets.archive``; returns (program, redelivery)."""
-        job_ids: list[str] = []
 
-        def job() -> None:
-            if not job_ids:
-                return  # the DELETE's transaction died: the client got an error, nothing queued
-            run_archive(self.org_id, self.widget_id, job_ids[0], store)
+        def job(job_id: str) -> None:
+            run_archive(self.org_id, self.widget_id, job_id, store)
 
-        def program() -> None:
-            with unit_of_work("api.delete_widget") as s:
-                widget = lock_widget(s, self.org_id, self.widget_id)
-                assert widget is not None
-                created = mark_archived(s, widget)
-                s.flush()
-                job_ids.append(created.id)
-            job()
-
-        return program, job
+        return self._marked_then(job, "api.delete_widget")
 
     def archive_in_chunk(
         self, store: Callable[[], Any], run: Run
@@ -258,26 +246,37 @@ class World:
         """The cleanup's way: the widget marked archived, then its job run in a
         ``widgets.archive_chunk`` (claimed in the chunk's transaction); returns (program,
         redelivery of the chunk). A job handed back runs as a single archive, an actor."""
-        job_ids: list[str] = []
 
         def hand_back(organization_id: str, widget_id: str, job_id: str) -> None:
             run.spawn("handed-back", lambda: run_archive(self.org_id, widget_id, job_id, store))
 
-        def job() -> None:
-            if job_ids:
-                items = [(self.widget_id, job_ids[0])]
-                archive_chunk.run_chunk(self.org_id, items, store, hand_back, map_fn=one_by_one)
+        def job(job_id: str) -> None:
+            items = [(self.widget_id, job_id)]
+            archive_chunk.run_chunk(self.org_id, items, store, hand_back, map_fn=one_by_one)
+
+        return self._marked_then(job, "cleanup.mark_archived")
+
+    def _marked_then(
+        self, job: Callable[[str], None], step: str
+    ) -> tuple[Callable[[], None], Callable[[], None]]:
+        """(program, redelivery): the widget marked archived with its job in transaction
+        ``step`` (the DELETE route's, or the cleanup's), then ``job`` run on it."""
+        job_ids: list[str] = []
+
+        def delivery() -> None:
+            if job_ids:  # else the marking transaction died: nothing was queued
+                job(job_ids[0])
 
         def program() -> None:
-            with unit_of_work("cleanup.mark_archived") as s:
+            with unit_of_work(step) as s:
                 widget = lock_widget(s, self.org_id, self.widget_id)
                 assert widget is not None
                 created = mark_archived(s, widget)
                 s.flush()
                 job_ids.append(created.id)
-            job()
+            delivery()
 
-        return program, job
+        return program, delivery
 
     # -- the invariants --------------------------------------------------------------------
 

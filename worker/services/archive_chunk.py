@@ -34,25 +34,26 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel import col, select
 
 from worker.db import read_session, unit_of_work
 from worker.ids import require_safe_id
 from worker.models import ArchiveJob, Organization, WidgetAsset
-from worker.s3 import S3Error, S3Store, TransientS3Error
+from worker.s3 import S3Error, S3Store
 from worker.services import archive, job_state
-from worker.services.chunking import ChunkReport, MapFn, concurrently
+from worker.services.chunking import (
+    TRANSIENT_ERRORS,
+    ChunkReport,
+    HandBack,
+    Item,
+    MapFn,
+    concurrently,
+)
 from worker.services.deploy import InvalidJobError
 from worker.services.job_state import readable
 
 log = logging.getLogger(__name__)
-
-Item = tuple[str, str]  # (widget_id, archive_job_id)
-HandBack = Callable[[str, str, str], object]  # organization_id, widget_id, archive_job_id
-
-# What a single archive retries (worker.tasks.base): handed back to one.
-TRANSIENT_ERRORS = (TransientS3Error, OperationalError)
 
 
 def _claim_chunk(organization_id: str, items: Sequence[Item]) -> dict[str, ArchiveJob]:
@@ -82,23 +83,13 @@ def run_chunk(
     for widget_id, job_id in items:
         require_safe_id(widget_id, "widget_id")
         require_safe_id(job_id, "archive_job_id")
-    report: ChunkReport[archive.ArchiveOutcome] = ChunkReport()
-    widget_of = {job_id: widget_id for widget_id, job_id in items}
-    lock = threading.Lock()  # the report's lists only: no send is made holding it
-
-    def give_back(job_id: str, why: object) -> None:
-        log.info("archive job %s handed back to a single archive: %s", job_id, why)
-        with lock:
-            report.handed_back.append(job_id)
-        hand_back(organization_id, widget_of[job_id], job_id)
-
+    report: ChunkReport[archive.ArchiveOutcome] = ChunkReport(
+        organization_id, items, hand_back, "archive job"
+    )
     try:
         claimed = _claim_chunk(organization_id, items)
     except (SQLAlchemyError, InvalidJobError) as exc:
-        report.whole_chunk_handed_back = True
-        for _, job_id in items:
-            give_back(job_id, exc)
-        return report
+        return report.hand_back_all(exc)
     open_jobs = {j: job for j, job in claimed.items() if not job_state.is_final(job)}
     report.outcomes.extend(
         archive.job_outcome(job) for job in claimed.values() if job.id not in open_jobs
@@ -109,6 +100,7 @@ def run_chunk(
         organization_id, [job.widget_id for job in open_jobs.values()]
     )
     taken_down: list[str] = []
+    lock = threading.Lock()  # taken_down only
 
     def take_down(item: Item) -> None:
         widget_id, job_id = item
@@ -117,14 +109,13 @@ def run_chunk(
                 open_jobs[job_id], api_key, store, has_assets=widget_id in with_assets
             )
         except TRANSIENT_ERRORS as exc:
-            give_back(job_id, exc)
+            report.hand_back(job_id, exc)
             return
         except (S3Error, SQLAlchemyError) as exc:
+            # Failed as a single archive's task fails it.
             log.warning("archive job %s failed: %s", job_id, exc)
             archive.record_failure(organization_id, widget_id, job_id, readable(exc))
-            done = _outcome_of(job_id)
-            with lock:
-                report.outcomes.append(done)
+            report.add(_outcome_of(job_id))
             return
         with lock:
             taken_down.append(job_id)
@@ -132,7 +123,7 @@ def run_chunk(
     map_fn(take_down, sorted(item for item in items if item[1] in open_jobs))
     if taken_down:
         in_widget_order = sorted(taken_down, key=lambda j: open_jobs[j].widget_id)
-        _finish_chunk(in_widget_order, report, give_back)
+        _finish_chunk(in_widget_order, report)
     return report
 
 
@@ -153,11 +144,7 @@ def _read_chunk(organization_id: str, widget_ids: list[str]) -> tuple[str, set[s
         return org.api_key, set(with_assets)
 
 
-def _finish_chunk(
-    job_ids: list[str],
-    report: ChunkReport[archive.ArchiveOutcome],
-    give_back: Callable[[str, object], None],
-) -> None:
+def _finish_chunk(job_ids: list[str], report: ChunkReport[archive.ArchiveOutcome]) -> None:
     """Step 4 and the status of every job whose objects are down, in one transaction (widget-id
     order, as the claim locked them). If it fails, nothing of it is committed: each job goes
     the single way (its objects are gone already; deleting them again is harmless)."""
@@ -169,6 +156,6 @@ def _finish_chunk(
                 done.append(archive.finish_in(session, job_id))
     except TRANSIENT_ERRORS as exc:
         for job_id in job_ids:
-            give_back(job_id, exc)
+            report.hand_back(job_id, exc)
         return
     report.outcomes.extend(done)

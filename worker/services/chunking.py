@@ -5,12 +5,18 @@ once: on this process's threads, which share its S3 client and event loop
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
+from sqlalchemy.exc import OperationalError
+
+from worker.s3 import TransientS3Error
+
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
@@ -57,14 +63,49 @@ def chunks(items: Sequence[T], size: int | None = None) -> list[list[T]]:
     return [list(items[i : i + size]) for i in range(0, len(items), size)]
 
 
+Item = tuple[str, str]  # (widget_id, job_id)
+HandBack = Callable[[str, str, str], object]  # organization_id, widget_id, job_id: a send
+
+# What a single job's task retries (worker.tasks.base): a chunk hands such a job back to one.
+TRANSIENT_ERRORS = (TransientS3Error, OperationalError)
+
+
 @dataclass
 class ChunkReport(Generic[OutcomeT]):
     """What one delivery of a chunk did: the jobs' outcomes, and the jobs handed back to single
-    messages (all of them when the chunk's shared first transaction failed)."""
+    messages (all of them when the chunk's shared first transaction failed). The chunk's
+    threads add to it; its lock guards the lists only, never a send."""
 
+    organization_id: str
+    items: Sequence[Item]
+    send_single: HandBack
+    kind: str  # "deployment", "archive job": for the log
     outcomes: list[OutcomeT] = field(default_factory=list)
     handed_back: list[str] = field(default_factory=list)  # job ids
     whole_chunk_handed_back: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.widget_of = {job_id: widget_id for widget_id, job_id in self.items}
+
+    def add(self, outcome: OutcomeT) -> None:
+        with self._lock:
+            self.outcomes.append(outcome)
+
+    def hand_back(self, job_id: str, why: object) -> None:
+        """Send ``job_id`` as a single message (with its task's retries and attempts cap)."""
+        log.info("%s %s handed back to a single message: %s", self.kind, job_id, why)
+        with self._lock:
+            self.handed_back.append(job_id)
+        self.send_single(self.organization_id, self.widget_of[job_id], job_id)
+
+    def hand_back_all(self, why: object) -> ChunkReport[OutcomeT]:
+        """The chunk's shared transaction failed, so nothing of it is committed: every job goes
+        the single way, which handles each case."""
+        self.whole_chunk_handed_back = True
+        for _, job_id in self.items:
+            self.hand_back(job_id, why)
+        return self
 
     def as_dict(self) -> dict[str, object]:
         by_status: dict[str, int] = {}

@@ -36,30 +36,27 @@ the freeze's transaction is shared):
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from worker.db import read_session, unit_of_work
 from worker.ids import require_safe_id
-from worker.s3 import S3Error, S3Store, TransientS3Error
+from worker.s3 import S3Error, S3Store
 from worker.services import deploy
-from worker.services.chunking import ChunkReport, MapFn, concurrently
+from worker.services.chunking import (
+    TRANSIENT_ERRORS,
+    ChunkReport,
+    HandBack,
+    Item,
+    MapFn,
+    concurrently,
+)
 from worker.services.deploy_outcome import DeployOutcome, outcome
 from worker.services.job_state import readable
 from worker.services.live_state import find_deployment
 
 log = logging.getLogger(__name__)
-
-Item = tuple[str, str]  # (widget_id, deployment_id)
-HandBack = Callable[[str, str, str], object]  # organization_id, widget_id, deployment_id
-
-# What a single deploy retries (worker.tasks.base): handed back to one. Other S3 and database
-# errors fail the deployment as they fail a single deploy (deploy.record_failure: S3 checked
-# first). Anything else is a bug: it fails the chunk's task, and the reconciler re-sends the
-# deployments it left unfinished.
-TRANSIENT_ERRORS = (TransientS3Error, OperationalError)
 
 
 def _freeze_chunk(organization_id: str, items: Sequence[Item]) -> dict[str, deploy.Frozen]:
@@ -85,43 +82,29 @@ def run_chunk(
     require_safe_id(organization_id, "organization_id")
     for widget_id, deployment_id in items:
         deploy.validate_job_ids(organization_id, widget_id, deployment_id)
-    report: ChunkReport[DeployOutcome] = ChunkReport()
-    widget_of = {deployment_id: widget_id for widget_id, deployment_id in items}
-
-    lock = threading.Lock()  # the report's lists only: no send is made holding it
-
-    def give_back(deployment_id: str, why: object) -> None:
-        log.info("deployment %s handed back to a single deploy: %s", deployment_id, why)
-        with lock:
-            report.handed_back.append(deployment_id)
-        hand_back(organization_id, widget_of[deployment_id], deployment_id)
-
+    report: ChunkReport[DeployOutcome] = ChunkReport(
+        organization_id, items, hand_back, "deployment"
+    )
     try:
         frozen = _freeze_chunk(organization_id, items)
     except (SQLAlchemyError, deploy.InvalidJobError) as exc:
         # Nothing of the chunk is committed (a deadlock, a lost connection, one invalid job, a
-        # producer-made row inserted twice): each goes the single way, which handles each case.
-        report.whole_chunk_handed_back = True
-        for _, deployment_id in items:
-            give_back(deployment_id, exc)
-        return report
+        # producer-made row inserted twice).
+        return report.hand_back_all(exc)
 
-    def finish(item: Item) -> DeployOutcome | None:
-        deployment_id = item[1]
+    def finish(item: Item) -> None:
+        widget_id, deployment_id = item
         try:
             done = deploy.finish_frozen(frozen[deployment_id], store)
         except TRANSIENT_ERRORS as exc:
-            give_back(deployment_id, exc)
-            return None
+            report.hand_back(deployment_id, exc)
+            return
         except (S3Error, SQLAlchemyError) as exc:
+            # Failed as a single deploy's task fails it (S3 checked first).
             log.warning("deployment %s failed: %s", deployment_id, exc)
-            deploy.record_failure(
-                organization_id, widget_of[deployment_id], deployment_id, readable(exc), store
-            )
+            deploy.record_failure(organization_id, widget_id, deployment_id, readable(exc), store)
             done = _outcome_of(organization_id, deployment_id)
-        with lock:
-            report.outcomes.append(done)
-        return done
+        report.add(done)
 
     map_fn(finish, sorted(items))
     return report

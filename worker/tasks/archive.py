@@ -6,16 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
-
 from worker import constants as c
 from worker import producer
 from worker.celery import app
 from worker.ids import is_safe_id
 from worker.s3 import get_store
 from worker.services import archive as service
-from worker.services import archive_chunk, chunking
-from worker.tasks.base import RETRY_ON_TRANSIENT_ERRORS, JobTask
+from worker.services import archive_chunk
+from worker.tasks.base import RETRY_ON_TRANSIENT_ERRORS, JobTask, run_chunk_task
 
 
 def _ids(kwargs: dict[str, Any]) -> tuple[str, str, str | None] | None:
@@ -53,15 +51,12 @@ def archive(
 @app.task(name=c.ARCHIVE_CHUNK_TASK, acks_late=True)
 def archive_chunk_task(organization_id: str, items: list[list[str]]) -> dict[str, Any]:
     """``widgets.archive_chunk``: keyword arguments ``organization_id`` and ``items``, a list of
-    ``[widget_id, archive_job_id]`` (:mod:`worker.services.archive_chunk`). No retry policy:
-    what does not finish here is handed back as single ``widgets.archive`` messages."""
-    pairs = [(str(w), str(j)) for w, j in items][: chunking.MAX_ITEMS]
-    try:
-        report = archive_chunk.run_chunk(
+    ``[widget_id, archive_job_id]`` (:mod:`worker.services.archive_chunk`)."""
+    return run_chunk_task(
+        organization_id,
+        items,
+        lambda pairs: archive_chunk.run_chunk(
             organization_id, pairs, store=get_store, hand_back=producer.send_archive
-        )
-    except SoftTimeLimitExceeded:
-        for widget_id, job_id in pairs:  # those already finished answer their message at once
-            producer.send_archive(organization_id, widget_id, job_id)
-        return {"jobs": len(pairs), "handed_back": [j for _, j in pairs]}
-    return report.as_dict()
+        ),
+        producer.send_archive,
+    )

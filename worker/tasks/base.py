@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
@@ -12,6 +13,8 @@ from sqlalchemy.exc import OperationalError
 
 from worker import constants as c
 from worker.s3 import TransientS3Error
+from worker.services import chunking
+from worker.services.chunking import ChunkReport, HandBack
 from worker.services.job_state import readable
 
 log = logging.getLogger(__name__)
@@ -67,3 +70,23 @@ class JobTask(Task):  # type: ignore[misc]
         einfo: ExceptionInfo,
     ) -> None:
         self.record_retry(kwargs, readable(exc))
+
+
+def run_chunk_task(
+    organization_id: str,
+    items: list[list[str]],
+    run: Callable[[list[tuple[str, str]]], ChunkReport[Any]],
+    send_single: HandBack,
+) -> dict[str, Any]:
+    """A chunk message (``widgets.deploy_chunk``, ``widgets.archive_chunk``): ``run`` on at most
+    :data:`chunking.MAX_ITEMS` of its ``[widget_id, job_id]`` items (the rest is left to the
+    reconciler). No retry policy: what does not finish is handed back as single messages, which
+    have one; out of time (a hung S3 call), every job is (those already final answer their
+    single message at once)."""
+    pairs = [(str(w), str(j)) for w, j in items][: chunking.MAX_ITEMS]
+    try:
+        return run(pairs).as_dict()
+    except SoftTimeLimitExceeded:
+        for widget_id, job_id in pairs:
+            send_single(organization_id, widget_id, job_id)
+        return {"jobs": len(pairs), "handed_back": [j for _, j in pairs]}

@@ -5,17 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery.exceptions import SoftTimeLimitExceeded
-
 from worker import constants as c
 from worker import producer
 from worker.celery import app
 from worker.ids import is_safe_id
 from worker.s3 import get_store
-from worker.services import chunking
 from worker.services import deploy as service
 from worker.services import deploy_chunk as deploy_chunk_service
-from worker.tasks.base import RETRY_ON_TRANSIENT_ERRORS, JobTask
+from worker.tasks.base import RETRY_ON_TRANSIENT_ERRORS, JobTask, run_chunk_task
 
 
 def _ids(kwargs: dict[str, Any]) -> tuple[str, str, str] | None:
@@ -51,17 +48,12 @@ def deploy(
 @app.task(name=c.DEPLOY_CHUNK_TASK, acks_late=True)
 def deploy_chunk(organization_id: str, items: list[list[str]]) -> dict[str, Any]:
     """``widgets.deploy_chunk``: keyword arguments ``organization_id`` and ``items``, a list of
-    ``[widget_id, deployment_id]`` (:mod:`worker.services.deploy_chunk`). No retry policy: what
-    does not finish here is handed back as single ``widgets.deploy`` messages, which have one."""
-    pairs = [(str(w), str(d)) for w, d in items][: chunking.MAX_ITEMS]
-    try:
-        report = deploy_chunk_service.run_chunk(
+    ``[widget_id, deployment_id]`` (:mod:`worker.services.deploy_chunk`)."""
+    return run_chunk_task(
+        organization_id,
+        items,
+        lambda pairs: deploy_chunk_service.run_chunk(
             organization_id, pairs, store=get_store, hand_back=producer.send_deploy
-        )
-    except SoftTimeLimitExceeded:
-        # Out of time (a hung S3 call): every deployment goes the single way; those already
-        # finished answer their message at once.
-        for widget_id, deployment_id in pairs:
-            producer.send_deploy(organization_id, widget_id, deployment_id)
-        return {"deployments": len(pairs), "handed_back": [d for _, d in pairs]}
-    return report.as_dict()
+        ),
+        producer.send_deploy,
+    )
