@@ -1,9 +1,9 @@
 """A worker killed in the middle of an archive: the redelivered job finishes it (DESIGN, archive:
 "a crash between any two steps is finished by the redelivered job").
 
-A real ``celery worker --pool prefork --concurrency 1`` subprocess runs the archive with its S3
-traffic going through a proxy that holds DELETE requests. While the pool child is frozen inside
-the job, it is SIGKILLed; ``task_acks_late`` + ``task_reject_on_worker_lost`` put the message back
+A real ``celery worker`` (``WORKER_POOL=prefork``, ``--concurrency 1``) subprocess runs the
+archive with its S3 traffic going through a proxy that holds DELETE requests. While the pool
+child is frozen inside the job, it is SIGKILLed; ``task_acks_late`` + ``task_reject_on_worker_lost`` put the message back
 and a new child must finish the job. The end state is compared with a clean run of a twin widget.
 
 The subprocess has its own SQLite file and its own Redis database, so the session's in-process
@@ -65,8 +65,9 @@ def crash_worker(
         "CELERY_BROKER_URL": broker,
         "S3_ENDPOINT_URL": proxy.url,
         "S3_READ_TIMEOUT": "120",  # a held request must not time out before the kill
+        "WORKER_POOL": "prefork",  # the pool child is what is frozen and killed
     }
-    cmd = [str(BIN_DIR / "celery"), "-A", "worker", "worker", "--pool", "prefork"]
+    cmd = [str(BIN_DIR / "celery"), "-A", "worker", "worker"]
     cmd += ["--concurrency", "1", "-Q", "archives", "--loglevel", "INFO"]
     cmd += ["-n", f"crash-{uuid.uuid4().hex[:8]}@%h", "--without-gossip", "--without-mingle"]
     worker = ManagedProcess("crash-worker", cmd, env, logs, PROJECT_ROOT)

@@ -24,8 +24,15 @@ from worker.settings import ConfigurationError, Settings, get_settings
 log = logging.getLogger(__name__)
 
 
-def default_concurrency() -> int:
-    """Pool children when WORKER_CONCURRENCY is unset: uploads wait on S3, not on the CPU."""
+# The pool of ``celery -A worker worker`` (``WORKER_POOL``): see worker.pool.
+POOLS = {"threads": "worker.pool:TimeLimitedThreadPool", "prefork": "prefork"}
+THREADS_PER_WORKER = 32  # uploads in flight per process when WORKER_CONCURRENCY is unset
+
+
+def default_concurrency(pool: str = "prefork") -> int:
+    """Tasks in flight when WORKER_CONCURRENCY is unset: uploads wait on S3, not on the CPU."""
+    if pool == "threads":
+        return THREADS_PER_WORKER
     return max(4, 4 * (os.cpu_count() or 1))
 
 
@@ -82,7 +89,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "worker_concurrency": settings.worker_concurrency or default_concurrency(),
+        "worker_pool": POOLS[settings.worker_pool],
+        "worker_concurrency": settings.worker_concurrency
+        or default_concurrency(settings.worker_pool),
         # A lost broker connection cannot ack late tasks anyway; cancel and let them redeliver
         # (worker.delivery puts their messages back as soon as the broker answers again).
         "worker_cancel_long_running_tasks_on_connection_loss": True,
@@ -223,6 +232,7 @@ def _init_process_resources(**_: Any) -> None:
 
 
 @signals.worker_process_shutdown.connect
+@signals.worker_shutdown.connect  # the threads pool's tasks ran in the main process
 def _close_process_resources(**_: Any) -> None:
     from worker.db import reset_engine
     from worker.s3 import close_store

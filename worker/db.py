@@ -112,6 +112,10 @@ POSTGRES_API_OPTIONS = (
 POOL_TIMEOUT = 10
 POSTGRES_POOL_SIZE = 5
 POSTGRES_MAX_OVERFLOW = 5
+# A worker process of the threads pool runs up to 32 tasks (and a chunk's 8 publish threads)
+# on one engine: a transaction lasts milliseconds, but a burst must not wait POOL_TIMEOUT for a
+# connection. Connections past the pool size are closed when returned.
+POSTGRES_WORKER_MAX_OVERFLOW = 40
 
 
 def _postgres_connect_args(options: str | None, role: Role) -> dict[str, Any]:
@@ -148,11 +152,12 @@ def build_engine(url: str, *, runtime: bool = False, role: Role = "worker") -> E
         _configure_sqlite(engine, busy_ms)
         return engine
     options = (POSTGRES_API_OPTIONS if api else POSTGRES_RUNTIME_OPTIONS) if runtime else None
+    worker = runtime and role == "worker"
     return create_engine(
         url,
         pool_pre_ping=True,
         pool_size=POSTGRES_POOL_SIZE,
-        max_overflow=POSTGRES_MAX_OVERFLOW,
+        max_overflow=POSTGRES_WORKER_MAX_OVERFLOW if worker else POSTGRES_MAX_OVERFLOW,
         pool_timeout=POOL_TIMEOUT,
         connect_args=_postgres_connect_args(options, role),
     )

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -56,6 +57,24 @@ PERMANENT_ERROR_CODES = frozenset(
 
 # Every S3 call, botocore's own retries included, ends well before the task's soft time limit.
 S3_CALL_BUDGET_SECONDS = TASK_SOFT_TIME_LIMIT - 15
+# A thread waiting on an S3 call wakes this often: an exception raised in it meanwhile (the
+# threads pool's soft time limit, worker.pool) lands within this long, not at the call's end.
+WAIT_SLICE_SECONDS = 0.25
+
+
+def _wait(future: concurrent.futures.Future[T], timeout: float) -> T:
+    """``future.result(timeout)``, waited for in short slices; bounded even if the loop thread
+    is gone (a store closed under a running call)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return future.result(
+                timeout=max(0.0, min(WAIT_SLICE_SECONDS, deadline - time.monotonic()))
+            )
+        except TimeoutError:
+            if future.done() or time.monotonic() >= deadline:
+                raise  # the call's own timeout, or no answer within the budget
+
 
 # Codes S3 sends with a 4xx status that are still worth retrying.
 TRANSIENT_ERROR_CODES = frozenset(
@@ -207,8 +226,7 @@ class S3Store:
 
         future = asyncio.run_coroutine_threadsafe(tracked(), self._loop)
         try:
-            # Bounded even if the loop thread is gone (a store closed under a running call).
-            return future.result(timeout=S3_CALL_BUDGET_SECONDS + 5)
+            return _wait(future, S3_CALL_BUDGET_SECONDS + 5)
         except ClientError as exc:
             if _is_precondition_failure(exc):
                 raise PreconditionFailed(f"S3 {action}: precondition failed") from exc

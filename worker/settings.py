@@ -123,10 +123,12 @@ class Settings(DatabaseSettings):
     # Connections of a process's S3 client: the uploads one process can have in flight.
     s3_max_connections: int = Field(default=32, ge=1, le=1000)
 
-    # Prefork pool children of `celery -A worker worker` (its --concurrency overrides it). A
-    # deploy mostly waits on S3 and the database, so the default keeps several per core in
-    # flight: unset = 4 per CPU core, at least 4. Each child has one DB connection in use and one
-    # S3 client.
+    # How `celery -A worker worker` runs its tasks (its --pool and --concurrency override these).
+    # "threads" (default): one process, WORKER_CONCURRENCY tasks on threads sharing one database
+    # engine and one S3 client, with the time limits enforced by worker.pool; unset = 32 in
+    # flight. "prefork": one process per task, unset = 4 per CPU core, at least 4 (more memory,
+    # the worker's Python on every core). docs/operations.md compares them.
+    worker_pool: Literal["threads", "prefork"] = "threads"
     worker_concurrency: int | None = Field(default=None, ge=1, le=256)
 
     draft_retention_days: int = Field(default=30, ge=1)

@@ -71,8 +71,13 @@ def worker_kill_stack(
 
 
 @pytest.fixture
-def kill_stack(worker_kill_stack: Stack) -> Iterator[Stack]:
-    """The module's stack with two live, ready workers and S3 at full speed."""
-    worker_kill_stack.prepare()
+def kill_stack(worker_kill_stack: Stack, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    """The module's stack with two live, ready workers of the pool the test's ``fault`` is
+    injected into, and S3 at full speed."""
+    from tests.support.worker_kills import WORKER_SIGKILL, pool_for
+
+    callspec = getattr(request.node, "callspec", None)
+    fault = callspec.params.get("fault", WORKER_SIGKILL) if callspec else WORKER_SIGKILL
+    worker_kill_stack.prepare(pool_for(fault))
     yield worker_kill_stack
     worker_kill_stack.proxy.slow(0)

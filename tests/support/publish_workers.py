@@ -147,12 +147,15 @@ def workers(tmp_path: Path, broker: Broker, proxy: ChaosS3Proxy) -> Iterator[Sta
         "CELERY_BROKER_URL": broker.url,
         "S3_ENDPOINT_URL": proxy.url,
         "S3_READ_TIMEOUT": "60",  # a held response must not time out before the test moves on
+        # Pool children are what these tests kill (--pool prefork would not override the
+        # configured pool: worker.celery).
+        "WORKER_POOL": "prefork",
     }
     env.pop("WORKER_CONCURRENCY", None)
 
     def start(*args: str, wait_ready: bool = True) -> Worker:
         name = f"chaos-{uuid.uuid4().hex[:8]}@test"
-        cmd = [str(BIN_DIR / "celery"), "-A", "worker", "worker", "--pool", "prefork"]
+        cmd = [str(BIN_DIR / "celery"), "-A", "worker", "worker"]
         cmd += ["-Q", DEPLOY_QUEUE, "--loglevel", "INFO", "-n", name]
         cmd += ["--without-gossip", "--without-mingle", "--without-heartbeat", *args]
         proc = ManagedProcess(name.split("@")[0], cmd, env, tmp_path, PROJECT_ROOT)

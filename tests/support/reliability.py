@@ -153,6 +153,7 @@ def ping(broker_url: str, name: str, timeout: float = 0.5) -> bool:
 class Worker:
     proc: ManagedProcess
     name: str
+    pool: str = "threads"  # WORKER_POOL: the project's default, or "prefork"
 
     @property
     def pid(self) -> int:
@@ -169,15 +170,21 @@ class Workers:
         self.log_dir, self.app = log_dir, app
         self.env = {**os.environ, **env}
         self.env.pop("WORKER_CONCURRENCY", None)
+        self.env.pop("WORKER_POOL", None)
         self.started: list[Worker] = []
 
-    def start(self, *args: str, concurrency: int = 2, wait: bool = True) -> Worker:
+    def start(
+        self, *args: str, concurrency: int = 2, wait: bool = True, pool: str | None = None
+    ) -> Worker:
+        """A worker running ``concurrency`` tasks at once on ``pool`` (``WORKER_POOL``; Celery's
+        ``--pool prefork`` would not override a configured pool), by default the project's."""
         name = f"rel-{uuid.uuid4().hex[:8]}@test"
-        cmd = [str(BIN_DIR / "celery"), "-A", self.app, "worker", "--pool", "prefork"]
+        cmd = [str(BIN_DIR / "celery"), "-A", self.app, "worker"]
         cmd += ["--concurrency", str(concurrency), "--loglevel", "INFO", "-n", name]
         cmd += ["--without-gossip", "--without-mingle", *args]
-        proc = ManagedProcess(name.split("@")[0], cmd, self.env, self.log_dir, PROJECT_ROOT)
-        worker = Worker(proc, name)
+        env = {**self.env, **({"WORKER_POOL": pool} if pool else {})}
+        proc = ManagedProcess(name.split("@")[0], cmd, env, self.log_dir, PROJECT_ROOT)
+        worker = Worker(proc, name, pool or "threads")
         self.started.append(worker)
         if wait:
             self.wait_ready(worker)

@@ -5,11 +5,13 @@ Three faults, each injected :data:`KILLS` times, at least :data:`KILL_EVERY` sec
 at a worker that holds a running task at that moment (asked with Celery's ``active`` control
 command just before):
 
-* **pool child SIGKILL**: the prefork child running a task is ``kill -9``-ed; the worker's parent
-  notices (``WorkerLostError``) and, with ``task_reject_on_worker_lost``, puts the message back;
-* **whole-worker SIGKILL**: the worker's process group is ``kill -9``-ed (a host or container
-  lost): its unacknowledged messages stay in Redis until the visibility timeout brings them back;
-  a new worker is started at once, as a deployment would restart it;
+* **pool child SIGKILL** (``WORKER_POOL=prefork``): the prefork child running a task is
+  ``kill -9``-ed; the worker's parent notices (``WorkerLostError``) and, with
+  ``task_reject_on_worker_lost``, puts the message back;
+* **whole-worker SIGKILL** (the default threads pool, as the next fault): the worker's process
+  group is ``kill -9``-ed (a host or container lost): its unacknowledged messages stay in Redis
+  until the visibility timeout brings them back; a new worker is started at once, as a
+  deployment would restart it;
 * **whole-worker SIGTERM**: a warm shutdown, which must finish the running tasks or hand them
   back; a new worker is started at once. Every other time ``SIGTERM`` goes to the main process
   only (``docker stop``, Kubernetes), otherwise to the whole process group, pool children
@@ -69,7 +71,14 @@ KILL_EVERY = 2.5  # seconds, at least, between two kills
 SPAN = KILLS * KILL_EVERY * 1.2  # the requests are paced to last about this long
 VISIBILITY_TIMEOUT = 4  # seconds (production: 240)
 RESEND_AFTER = 2 * VISIBILITY_TIMEOUT  # the reconciler's, for lost messages (production: 30)
-CONCURRENCY = 2  # pool children per worker; two workers
+CONCURRENCY = 2  # tasks at once per worker; two workers
+
+
+def pool_for(fault: str) -> str:
+    """The worker pool a fault is injected into: a pool child exists only in prefork; the
+    whole-worker faults hit the project's default pool (threads)."""
+    return "prefork" if fault == CHILD_SIGKILL else "threads"
+
 
 CHILD_SIGKILL = "pool child SIGKILL"
 WORKER_SIGKILL = "whole-worker SIGKILL"
@@ -109,13 +118,16 @@ class Stack:
     def live(self) -> list[Worker]:
         return [w for w in self.workers.started if w.proc.alive()]
 
-    def prepare(self) -> None:
-        """Two live, ready workers and S3 at full speed, whatever an earlier test left."""
+    def prepare(self, pool: str) -> None:
+        """Two live, ready workers of ``pool`` and S3 at full speed, whatever an earlier test
+        left."""
         for worker in self.live():
             if WARM_SHUTDOWN in worker.log():  # stopped by an earlier test that failed half-way
                 worker.proc.proc.wait(timeout=60)
+            elif worker.pool != pool:
+                worker.proc.stop(timeout=30)
         for _ in range(2 - len(self.live())):
-            self.workers.start(concurrency=CONCURRENCY, wait=False)
+            self.workers.start(concurrency=CONCURRENCY, wait=False, pool=pool)
         for worker in self.live():
             self.workers.wait_ready(worker)
         self.proxy.slow(0)
@@ -147,8 +159,6 @@ def open_stack(services: dict[str, Any], tmp: Path) -> Iterator[Stack]:
             # A worker SIGKILLed between taking a message off its queue (BRPOP) and recording
             # it as unacknowledged loses that message; only this re-send brings it back.
             patch.setattr("worker.services.reconcile.RESEND_AFTER", RESEND_AFTER)
-            for _ in range(2):
-                workers.start(concurrency=CONCURRENCY, wait=False)
             yield Stack(redis_server.url(), proxy, workers, http, services["s3"])
     finally:
         proxy.close()
@@ -252,7 +262,8 @@ class Chaos:
         kill = Kill(victim, pid, busy=bool(running))
         if self.fault != CHILD_SIGKILL:
             self.gone.add(victim.name)
-            self.stack.workers.start(concurrency=CONCURRENCY, wait=False)  # the restart
+            # The restart, as a deployment would do it.
+            self.stack.workers.start(concurrency=CONCURRENCY, wait=False, pool=victim.pool)
             self.replacements += 1
         self.kills.append(kill)
         return kill
