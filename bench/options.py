@@ -47,7 +47,7 @@ class Options:
     soak_repeat: int = 1
     soak_restart: bool = True  # a fresh worker for each soak run (not in --quick)
     burst: int = 100
-    worker_args: tuple[str, ...] = ()  # e.g. ("--pool", "threads", "--concurrency", "32")
+    worker_args: tuple[str, ...] = ()  # e.g. ("--concurrency", "64")
     bulk_widgets: int = 10_000
     catalog_widgets: tuple[int, int] = (100_000, 10_000)  # widgets, of which embedding the item
     floor_pings: int = 200
@@ -96,7 +96,7 @@ def parse(argv: list[str] | None = None) -> Options:
         "--worker-args",
         default="",
         help="extra worker arguments, to compare with its defaults: "
-        "--worker-args='--pool threads --concurrency 32'",
+        "--worker-args='--concurrency 64' (the prefork pool: WORKER_POOL=prefork ./dev bench)",
     )
     p.add_argument("--bulk-widgets", type=int, help="widgets per bulk (default 10000; quick 30)")
     p.add_argument("--catalog-widgets", type=_pair, help="widgets,embedding (default 100000,10000)")

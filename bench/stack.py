@@ -171,8 +171,8 @@ class Stack:
         return self.wait_uvicorn(name, self.spawn_uvicorn(name, app))
 
     def spawn_worker(self) -> None:
-        # No --concurrency or --pool: the project's defaults are what is measured, unless the
-        # run asks for an alternative (--worker-args) to compare with them.
+        # No --concurrency: the project's defaults are what is measured, unless the run asks for
+        # an alternative (--worker-args, or WORKER_POOL=prefork in the caller's environment).
         self._spawn(
             "worker",
             str(BIN_DIR / "celery"),
