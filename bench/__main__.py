@@ -60,6 +60,7 @@ def _header(opts: Options, stack: Stack, info: dict[str, object]) -> str:
         f"bench: {stack.backend}, S3 latency {latency}, n={opts.n}, repeat={opts.repeat}"
         f"{', quick' if opts.quick else ''}"
         f"{', worker ' + ' '.join(opts.worker_args) if opts.worker_args else ''}"
+        f"{f', {opts.workers} workers' if opts.workers > 1 else ''}"
         f" | {info['cpu_count']} x {info['cpu_model']} | "
         f"commit {str(info['git_commit'])[:10]}{' (dirty)' if info['git_dirty'] else ''}"
     )
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     info = report.machine()
     started = time.monotonic()
-    stack = Stack(opts.postgres, opts.s3_latency_ms, opts.worker_args)
+    stack = Stack(opts.postgres, opts.s3_latency_ms, opts.worker_args, opts.workers)
     results: list[SectionResult] = []
     failed = False
     api: Api | None = None

@@ -48,6 +48,7 @@ class Options:
     soak_restart: bool = True  # a fresh worker for each soak run (not in --quick)
     burst: int = 100
     worker_args: tuple[str, ...] = ()  # e.g. ("--concurrency", "64")
+    workers: int = 1  # worker processes (one per core: --workers 2)
     bulk_widgets: int = 10_000
     catalog_widgets: tuple[int, int] = (100_000, 10_000)  # widgets, of which embedding the item
     floor_pings: int = 200
@@ -98,6 +99,9 @@ def parse(argv: list[str] | None = None) -> Options:
         help="extra worker arguments, to compare with its defaults: "
         "--worker-args='--concurrency 64' (the prefork pool: WORKER_POOL=prefork ./dev bench)",
     )
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes, e.g. one per core (default 1)"
+    )
     p.add_argument("--bulk-widgets", type=int, help="widgets per bulk (default 10000; quick 30)")
     p.add_argument("--catalog-widgets", type=_pair, help="widgets,embedding (default 100000,10000)")
     p.add_argument("--cleanup-drafts", type=int, help="stale drafts (default 10000; quick 50)")
@@ -122,6 +126,7 @@ def parse(argv: list[str] | None = None) -> Options:
         listing_requests=a.listing_requests,
         soak_repeat=a.soak_repeat,
         worker_args=tuple(shlex.split(a.worker_args)),
+        workers=a.workers,
     )
     if a.quick:
         o.n, o.api_requests, o.listing_sizes, o.cleanup_drafts = 10, 32, (100, 2_000), 50

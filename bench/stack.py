@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -46,8 +47,10 @@ class Stack:
         postgres_admin_url: str | None,
         s3_latency_ms: float,
         worker_args: tuple[str, ...] = (),
+        workers: int = 1,
     ) -> None:
         self.worker_args = worker_args
+        self.workers = workers
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-"))
         self.postgres_admin_url = postgres_admin_url
         self.s3_latency_ms = s3_latency_ms
@@ -173,16 +176,17 @@ class Stack:
     def spawn_worker(self) -> None:
         # No --concurrency: the project's defaults are what is measured, unless the run asks for
         # an alternative (--worker-args, or WORKER_POOL=prefork in the caller's environment).
-        self._spawn(
-            "worker",
-            str(BIN_DIR / "celery"),
-            "-A",
-            "worker",
-            "worker",
-            "-l",
-            "WARNING",
-            *self.worker_args,
+        cmd = [str(BIN_DIR / "celery"), "-A", "worker", "worker", "-l", "WARNING"]
+        cmd += list(self.worker_args)
+        if self.workers == 1:
+            self._spawn("worker", *cmd)
+            return
+        # --workers N (one per core): N workers under one shell, so that the "worker" process
+        # group (CPU, memory, stop) covers them all.
+        line = " & ".join(
+            shlex.join([*cmd, "-n", f"bench{i}@%h"]) for i in range(1, self.workers + 1)
         )
+        self._spawn("worker", "/bin/sh", "-c", f"{line} & wait")
 
     def wait_worker(self) -> None:
         from worker.celery import app
@@ -191,7 +195,7 @@ class Stack:
         while time.monotonic() < deadline:
             if not self.procs["worker"].alive():
                 raise RuntimeError(f"worker exited:\n{self.procs['worker'].log_tail()}")
-            if app.control.ping(timeout=1.0, limit=1):
+            if len(app.control.ping(timeout=1.0, limit=self.workers)) >= self.workers:
                 return
         raise TimeoutError("worker did not answer a ping within 90s")
 

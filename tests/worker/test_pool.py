@@ -9,6 +9,7 @@ process at the hard limit, and the job is redelivered to the next worker and pub
 
 from __future__ import annotations
 
+import os
 import re
 import sqlite3
 import threading
@@ -190,3 +191,26 @@ def test_a_soft_limit_fired_as_its_task_ends_is_never_raised_after_it() -> None:
     assert not thread.is_alive()
     assert raised == []
     assert entries[0].done
+
+
+@pytest.mark.parametrize(
+    ("pool", "implementation", "concurrency"),
+    [
+        (None, "worker.pool:TimeLimitedThreadPool", 32),
+        ("threads", "worker.pool:TimeLimitedThreadPool", 32),
+        ("prefork", "prefork", max(4, 4 * (os.cpu_count() or 1))),
+    ],
+)
+def test_worker_pool_setting_picks_the_pool_and_its_default_concurrency(
+    pool: str | None, implementation: str, concurrency: int
+) -> None:
+    from worker.celery import celery_config
+    from worker.settings import Settings
+
+    settings = Settings(app_env="development", **({"worker_pool": pool} if pool else {}))
+    config = celery_config(settings)
+    assert (config["worker_pool"], config["worker_concurrency"]) == (implementation, concurrency)
+    explicit = Settings(
+        app_env="development", worker_concurrency=7, **({"worker_pool": pool} if pool else {})
+    )
+    assert celery_config(explicit)["worker_concurrency"] == 7
