@@ -3,8 +3,9 @@
 
 A real ``celery worker`` (``WORKER_POOL=prefork``, ``--concurrency 1``) subprocess runs the
 archive with its S3 traffic going through a proxy that holds DELETE requests. While the pool
-child is frozen inside the job, it is SIGKILLed; ``task_acks_late`` + ``task_reject_on_worker_lost`` put the message back
-and a new child must finish the job. The end state is compared with a clean run of a twin widget.
+child is frozen inside the job, it is SIGKILLed; ``task_acks_late`` +
+``task_reject_on_worker_lost`` put the message back and a new child must finish the job. The
+end state is compared with a clean run of a twin widget.
 
 The subprocess has its own SQLite file and its own Redis database, so the session's in-process
 worker cannot take its messages. The jobs are therefore committed the way DELETE /widgets/{id}
