@@ -29,7 +29,7 @@ POOLS = {"threads": "worker.pool:TimeLimitedThreadPool", "prefork": "prefork"}
 THREADS_PER_WORKER = 32  # uploads in flight per process when WORKER_CONCURRENCY is unset
 
 
-def default_concurrency(pool: str = "prefork") -> int:
+def default_concurrency(pool: str) -> int:
     """Tasks in flight when WORKER_CONCURRENCY is unset: uploads wait on S3, not on the CPU."""
     if pool == "threads":
         return THREADS_PER_WORKER

@@ -117,8 +117,11 @@ class Watchdog:
 
     def check(self, now: float) -> None:
         with self._lock:
-            due = [e for e in self._running if e.soft_at is not None and not e.soft_fired]
-            due = [e for e in due if e.soft_at is not None and now >= e.soft_at]
+            due = [
+                e
+                for e in self._running
+                if e.soft_at is not None and now >= e.soft_at and not e.soft_fired
+            ]
             for entry in due:
                 entry.soft_fired = True
                 _raise_in_thread(entry.ident, SoftTimeLimitExceeded)

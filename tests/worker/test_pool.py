@@ -116,7 +116,6 @@ def test_a_soft_time_limit_interrupts_a_deploy_waiting_on_s3_and_it_is_retried(
     while not SOFT_LOGGED.search(worker.log()):
         assert time.monotonic() < deadline, worker.log(4000)
         time.sleep(0.1)
-    assert SOFT_LOGGED.search(worker.log()).group(1)  # type: ignore[union-attr]
     # The exception landed while the S3 call was still waiting (it would have taken 20 s): the
     # deploy is already back in the queue for a retry, with the soft limit as its reason.
     row = wait_status(dep_id, "ready", 5)
@@ -139,7 +138,6 @@ def test_a_deploy_stuck_past_the_hard_limit_ends_its_worker_and_is_redelivered(
     )
     lock = sqlite3.connect(stack.sqlite_path, timeout=1, check_same_thread=False)
     lock.execute("BEGIN EXCLUSIVE")  # before the message's countdown is over
-    released = threading.Event()
     try:
         code = worker.proc.proc.wait(timeout=30)
         assert code == EXIT_STUCK, worker.log(4000)
@@ -149,7 +147,6 @@ def test_a_deploy_stuck_past_the_hard_limit_ends_its_worker_and_is_redelivered(
     finally:
         lock.rollback()
         lock.close()
-        released.set()
     # The message was held, unacknowledged, by the dead worker: the next one gets it after the
     # visibility timeout, and publishes.
     assert rows([dep_id])[dep_id].status in {"ready", "running"}
@@ -161,7 +158,9 @@ def test_a_deploy_stuck_past_the_hard_limit_ends_its_worker_and_is_redelivered(
 def test_a_soft_limit_fired_as_its_task_ends_is_never_raised_after_it() -> None:
     """The watchdog fires while the task's thread waits for the watch's lock to leave it: the
     exception lands inside ``leave``, which finishes leaving, and nothing is raised in what runs
-    next on the thread (Celery's success callback, the next task)."""
+    next on the thread (Celery's success callback, the next task). No worker here: a real race
+    would land in this window only by chance, so the two sides are stepped by hand; the process
+    exit is replaced by a test failure (it is exercised for real by the hard-limit test above)."""
     dog = Watchdog(exit_process=lambda code: pytest.fail(f"exited {code}"))
     entered, go = threading.Event(), threading.Event()
     raised: list[str] = []
