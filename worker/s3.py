@@ -262,10 +262,12 @@ class S3Store:
         metadata: dict[str, str],
         if_match: str | None = None,
         if_none_match: bool = False,
+        cache_control: str | None = None,
     ) -> str:
         """Write a published file; returns its ETag. Conditional when asked: ``If-Match`` an
         ETag, or ``If-None-Match: *`` (only if absent); a lost condition is
-        :class:`PreconditionFailed`."""
+        :class:`PreconditionFailed`. ``cache_control``: the store's (``S3_CACHE_CONTROL``) unless
+        given."""
         conditions: dict[str, str] = {}
         if if_match is not None:
             conditions["IfMatch"] = if_match
@@ -279,7 +281,7 @@ class S3Store:
                     Key=key,
                     Body=body,
                     ContentType="application/json",
-                    CacheControl=self.cache_control,
+                    CacheControl=cache_control or self.cache_control,
                     Metadata=metadata,
                     **conditions,
                 )

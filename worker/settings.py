@@ -116,7 +116,14 @@ class Settings(DatabaseSettings):
     aws_region: str = "us-east-1"
     aws_access_key_id: SecretStr | None = None
     aws_secret_access_key: SecretStr | None = None
-    s3_cache_control: str = "public, max-age=60"
+    # Cache-Control of the production files (a CDN in front of the bucket): fresh for a minute,
+    # then served stale for up to 5 more while the CDN revalidates in the background, and for a
+    # day if the bucket errors. Preview files are always ``no-store`` (PREVIEW_CACHE_CONTROL).
+    s3_cache_control: str = Field(
+        default="public, max-age=60, stale-while-revalidate=300, stale-if-error=86400",
+        min_length=1,
+        max_length=256,
+    )
     s3_max_attempts: int = Field(default=4, ge=1, le=20)
     s3_connect_timeout: float = Field(default=5.0, gt=0)
     s3_read_timeout: float = Field(default=20.0, gt=0)

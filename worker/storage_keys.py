@@ -12,6 +12,20 @@ def container_key(api_key: str, widget_id: str) -> str:
     return f"configs/{api_key}/containers/{widget_id}.json"
 
 
+def preview_key(api_key: str, widget_id: str) -> str:
+    """A preview deployment's object: beside the containers, never the file websites load."""
+    require_safe_id(api_key, "api_key")
+    require_safe_id(widget_id, "widget_id")
+    return f"configs/{api_key}/preview/{widget_id}.json"
+
+
+def target_key(target: str, api_key: str, widget_id: str) -> str:
+    """Where a deployment of ``target`` (``production`` or ``preview``) publishes."""
+    if target == "preview":
+        return preview_key(api_key, widget_id)
+    return container_key(api_key, widget_id)
+
+
 def asset_prefix(api_key: str, widget_id: str) -> str:
     """Every asset object of one widget is under this prefix (the archive sweeps it)."""
     require_safe_id(api_key, "api_key")

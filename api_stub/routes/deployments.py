@@ -1,4 +1,5 @@
-"""``/widgets/deployments``: enqueue a deploy or a rollback (202), list (plain array), get, diff."""
+"""``/widgets/deployments``: enqueue a deploy, a preview, a rollback or a promotion (202), list
+(plain array), get, diff."""
 
 from __future__ import annotations
 
@@ -16,7 +17,12 @@ from api_stub.errors import ApiError, bad_request, not_found
 from api_stub.query import ListQuery, apply_list_query, list_query
 from api_stub.routes.widgets import get_live_widget
 from api_stub.schemas.common import SAFE_ID_PATTERN
-from api_stub.schemas.deployments import DeploymentCreate, DeploymentPublic, JsonPatchOperation
+from api_stub.schemas.deployments import (
+    DeploymentCreate,
+    DeploymentPublic,
+    JsonPatchOperation,
+    PromotionCreate,
+)
 from worker import producer
 from worker.ids import MAX_ID_LENGTH
 from worker.models import Deployment, Organization, Widget, utcnow
@@ -52,8 +58,12 @@ def _repeat(
     request: Request, response: Response, org: Organization, body: DeploymentCreate, dep: Deployment
 ) -> DeploymentPublic:
     """A repeated request with the same idempotency key: the same deployment, no new job.
-    The organization's own key reused for another widget is a conflict (409)."""
-    if dep.organization_id != org.id or dep.widget_id != body.widget_id:
+    The organization's own key reused for another widget or target is a conflict (409)."""
+    if (
+        dep.organization_id != org.id
+        or dep.widget_id != body.widget_id
+        or dep.target != body.target
+    ):
         raise ApiError(409, f"deployment_id {body.deployment_id} is already used")
     return _accepted(request, response, dep)
 
@@ -90,8 +100,20 @@ def create_deployment(
     response: Response,
 ) -> DeploymentPublic:
     """Accept a deploy (or, with ``source_deployment_id``, a rollback): the row is committed
-    (``ready``), then the job is sent to the workers."""
+    (``ready``), then the job is sent to the workers. ``target: "preview"`` publishes to the
+    widget's preview object instead of the file websites load."""
     check_body_org(body.organization_id, org)
+    return _enqueue(body, org, actor, session, request, response)
+
+
+def _enqueue(
+    body: DeploymentCreate,
+    org: Organization,
+    actor: str,
+    session: Session,
+    request: Request,
+    response: Response,
+) -> DeploymentPublic:
     if body.deployment_id is not None and (
         existing := _by_deployment_id(session, org, body.deployment_id)
     ):
@@ -104,6 +126,7 @@ def create_deployment(
     dep = Deployment(
         organization_id=org.id,
         widget_id=widget.id,
+        target=body.target,
         enqueued_at=utcnow(),
         source_deployment_id=body.source_deployment_id,
         created_by=actor,
@@ -126,11 +149,53 @@ def create_deployment(
     return _accepted(request, response, dep)
 
 
+@router.post(
+    "/{deployment_id}/promote",
+    status_code=status.HTTP_202_ACCEPTED,
+    responses={409: {"description": "The preview has not (or not successfully) published"}},
+)
+def promote_deployment(
+    deployment_id: DeploymentIdPath,
+    body: PromotionCreate,
+    org: OrgDep,
+    actor: ActorDep,
+    session: SessionDep,
+    request: Request,
+    response: Response,
+) -> DeploymentPublic:
+    """Promote a preview deployment: a new production deployment of its exact snapshot (with
+    the new deployment's own ``deployment_id``), through the ordinary publish order. What the
+    reviewer saw is what ships, even if the widget was edited since; the widget then reads
+    ``unpublished_changes``."""
+    check_body_org(body.organization_id, org)
+    preview = _get(session, org, deployment_id)
+    if preview.target != "preview":
+        raise bad_request(
+            "only a preview deployment can be promoted "
+            "(republish a production snapshot with source_deployment_id)",
+            {"deployment_id": f"target {preview.target}"},
+        )
+    if preview.status != "success" or preview.config is None:
+        raise ApiError(
+            409, f"preview {preview.id} has not been published (status {preview.status})"
+        )
+    create = DeploymentCreate(
+        widget_id=preview.widget_id,
+        deployment_id=body.deployment_id,
+        source_deployment_id=preview.deployment_id,
+        reason=body.reason,
+    )
+    return _enqueue(create, org, actor, session, request, response)
+
+
+DEPLOYMENT_LIST_QUERY = list_query("widget_id", "created_by", "bulk_id", "target")
+
+
 @router.get("")
 def list_deployments(
     org: OrgDep,
     session: SessionDep,
-    query: Annotated[ListQuery, Depends(list_query("widget_id", "created_by", "bulk_id"))],
+    query: Annotated[ListQuery, Depends(DEPLOYMENT_LIST_QUERY)],
 ) -> list[DeploymentPublic]:
     stmt = select(Deployment).where(Deployment.organization_id == org.id)
     rows = session.exec(apply_list_query(stmt, Deployment, query)).all()

@@ -18,6 +18,10 @@ from worker.models.jobs import MAX_REASON_LENGTH
 from worker.services.bulk import MAX_WIDGET_IDS
 
 Reason = Annotated[str, StringConstraints(max_length=MAX_REASON_LENGTH)]
+# ``production``: the container file websites load. ``preview``: the widget's preview object
+# (configs/{api_key}/preview/{widget_id}.json, ``Cache-Control: no-store``), with its own order;
+# it never changes the production file or the widget's publication status.
+Target = Literal["production", "preview"]
 
 
 class DeploymentCreate(OrgScopedInput):
@@ -26,6 +30,15 @@ class DeploymentCreate(OrgScopedInput):
     deployment_id: SafeId | None = None
     # A rollback: republish this earlier successful deployment's snapshot of the same widget.
     source_deployment_id: SafeId | None = None
+    target: Target = "production"
+    reason: Reason | None = None
+
+
+class PromotionCreate(OrgScopedInput):
+    """Promote a preview: publish its exact snapshot to production, as a new deployment."""
+
+    # Optional idempotency key of the production deployment the promotion creates.
+    deployment_id: SafeId | None = None
     reason: Reason | None = None
 
 
@@ -34,6 +47,7 @@ class DeploymentPublic(OutputModel):
     deployment_id: str
     organization_id: str
     widget_id: str
+    target: Target
     config: JsonObject | None
     status: Literal["ready", "running", "success", "failure"]
     error: str | None

@@ -68,12 +68,18 @@ class SteppedStore:
         metadata: dict[str, str],
         if_match: str | None = None,
         if_none_match: bool = False,
+        cache_control: str | None = None,
     ) -> str:
         action = self._run.checkpoint("s3.put")
 
         def send() -> str:
             return self._store.put_json(
-                key, body, metadata=metadata, if_match=if_match, if_none_match=if_none_match
+                key,
+                body,
+                metadata=metadata,
+                if_match=if_match,
+                if_none_match=if_none_match,
+                cache_control=cache_control,
             )
 
         if action == HOLD:

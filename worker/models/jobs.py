@@ -12,6 +12,8 @@ from worker.ids import new_id
 from worker.models.types import PortableJSON, UTCDateTime, utcnow
 
 FINAL_STATUSES: frozenset[str] = frozenset({"success", "failure"})
+# Where a deployment publishes: the container file websites load, or the widget's preview file.
+TARGETS = ("production", "preview")
 # Who asked for a job (``created_by``): an API key's id, the admin, or a Celery producer that
 # sent the message without the API.
 CREATED_BY_PRODUCER = "producer"
@@ -51,6 +53,9 @@ class Deployment(SQLModel, table=True):
     organization_id: str = Field(foreign_key="organizations.id", index=True, max_length=64)
     # Deliberately no foreign key: deployments outlive their widget.
     widget_id: str = Field(max_length=64)
+    target: str = Field(
+        default="production", max_length=16, sa_column_kwargs={"server_default": "production"}
+    )
     config: dict[str, Any] | None = Field(default=None, sa_type=PortableJSON)
     status: str = Field(default="ready", max_length=16, index=True)
     error: str | None = None

@@ -57,6 +57,13 @@ class Widget(SQLModel, table=True):
     live_seq: int | None = None
     live_etag: str | None = Field(default=None, max_length=128)
     live_deployment_id: str | None = Field(default=None, max_length=64)
+    # The same for the widget's preview file (worker.services.live_state.PREVIEW): sequences come
+    # from the same counter; ``preview_seq`` is the last one given to a preview snapshot (None:
+    # the widget never had one, so an archive has no preview file to take down).
+    preview_seq: int | None = None
+    preview_live_seq: int | None = None
+    preview_live_etag: str | None = Field(default=None, max_length=128)
+    preview_live_deployment_id: str | None = Field(default=None, max_length=64)
     archived_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
     created_at: datetime = Field(default_factory=utcnow, sa_type=UTCDateTime)

@@ -41,7 +41,7 @@ from worker.s3 import S3Store
 from worker.services import job_state
 from worker.services.deploy import MAX_ATTEMPTS, InvalidJobError
 from worker.services.locking import lock_widget
-from worker.storage_keys import asset_prefix, container_key
+from worker.storage_keys import asset_prefix, container_key, preview_key
 
 RESULT_DELETED = "deleted"
 RESULT_ARCHIVED = "archived"
@@ -242,18 +242,28 @@ def finish_claimed(job: ArchiveJob, store: Callable[[], S3Store]) -> ArchiveOutc
         org = session.get(Organization, job.organization_id)
         assert org is not None
         api_key = org.api_key
-    take_down_objects(job, api_key, store)
+        widget = session.get(Widget, job.widget_id)
+        # Gone: an earlier delivery took everything down before removing the row.
+        has_preview = widget is not None and widget.preview_seq is not None
+    take_down_objects(job, api_key, store, has_preview=has_preview)
     _remove_widget(job.id)
     with unit_of_work("archive.finish") as session:
         return finish_in(session, job.id)
 
 
 def take_down_objects(
-    job: ArchiveJob, api_key: str, store: Callable[[], S3Store], *, has_assets: bool = True
+    job: ArchiveJob,
+    api_key: str,
+    store: Callable[[], S3Store],
+    *,
+    has_assets: bool = True,
+    has_preview: bool = True,
 ) -> None:
-    """Steps 2 and 3: the widget's assets, anything else under its prefix, its container file.
-    ``has_assets`` False: the caller saw no asset row after the claim (none can be added since:
-    an upload checks ``archived_at``), so the rows are not looked for again."""
+    """Steps 2 and 3: the widget's assets, anything else under its prefix, its preview file and
+    its container file. ``has_assets`` False: the caller saw no asset row after the claim (none
+    can be added since: an upload checks ``archived_at``), so the rows are not looked for again.
+    ``has_preview`` False: the caller saw, after the claim, that no preview snapshot of the
+    widget was ever frozen (none can be since: a freeze checks ``archived_at``)."""
     organization_id, widget_id = job.organization_id, job.widget_id
     if has_assets:
         _delete_assets(organization_id, widget_id, store)
@@ -264,6 +274,8 @@ def take_down_objects(
     # API process died mid-way): nothing under the widget's prefix may outlive it.
     for orphan in store().list_keys(asset_prefix(api_key, widget_id)):
         store().delete(orphan)
+    if has_preview:
+        store().delete(preview_key(api_key, widget_id))
     store().delete(container_key(api_key, widget_id))
 
 

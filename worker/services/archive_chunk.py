@@ -39,7 +39,7 @@ from sqlmodel import col, select
 
 from worker.db import read_session, unit_of_work
 from worker.ids import require_safe_id
-from worker.models import ArchiveJob, Organization, WidgetAsset
+from worker.models import ArchiveJob, Organization, Widget, WidgetAsset
 from worker.s3 import S3Error, S3Store
 from worker.services import archive, job_state
 from worker.services.chunking import (
@@ -96,7 +96,7 @@ def run_chunk(
     )
     if not open_jobs:
         return report
-    api_key, with_assets = _read_chunk(
+    api_key, with_assets, with_preview = _read_chunk(
         organization_id, [job.widget_id for job in open_jobs.values()]
     )
     taken_down: list[str] = []
@@ -106,7 +106,11 @@ def run_chunk(
         widget_id, job_id = item
         try:
             archive.take_down_objects(
-                open_jobs[job_id], api_key, store, has_assets=widget_id in with_assets
+                open_jobs[job_id],
+                api_key,
+                store,
+                has_assets=widget_id in with_assets,
+                has_preview=widget_id in with_preview,
             )
         except TRANSIENT_ERRORS as exc:
             report.hand_back(job_id, exc)
@@ -127,9 +131,9 @@ def run_chunk(
     return report
 
 
-def _read_chunk(organization_id: str, widget_ids: list[str]) -> tuple[str, set[str]]:
-    """The organization's ``api_key`` and which of the widgets have asset rows: one read for
-    the chunk instead of two per job."""
+def _read_chunk(organization_id: str, widget_ids: list[str]) -> tuple[str, set[str], set[str]]:
+    """The organization's ``api_key``, which of the widgets have asset rows and which may have
+    a preview file: one read for the chunk instead of three per job."""
     with read_session("archive.read_chunk") as session:
         org = session.get(Organization, organization_id)
         assert org is not None  # the claim found it
@@ -141,7 +145,14 @@ def _read_chunk(organization_id: str, widget_ids: list[str]) -> tuple[str, set[s
             )
             .distinct()
         ).all()
-        return org.api_key, set(with_assets)
+        with_preview = session.exec(
+            select(Widget.id).where(
+                Widget.organization_id == organization_id,
+                col(Widget.id).in_(widget_ids),
+                col(Widget.preview_seq).is_not(None),
+            )
+        ).all()
+        return org.api_key, set(with_assets), set(with_preview)
 
 
 def _finish_chunk(job_ids: list[str], report: ChunkReport[archive.ArchiveOutcome]) -> None:

@@ -35,7 +35,7 @@ from worker.services.deploy_outcome import DeployOutcome, outcome
 from worker.services.live_state import find_deployment
 from worker.services.publish import fail_checked, publish, take_back
 from worker.services.snapshot import build_snapshot, content_checksum
-from worker.storage_keys import container_key
+from worker.storage_keys import target_key
 
 # Attempts (first run + Celery retries + redeliveries after a lost worker) before giving up:
 # a poison message ends ``failure`` instead of looping forever.
@@ -121,14 +121,15 @@ def freeze_in(session: Session, organization_id: str, widget_id: str, deployment
                 return outcome(dep)
             return _Frozen(dep, give_up=gave_up)  # its bytes may be live: check S3 first
         job_state.count_attempt(dep)
+        channel = live_state.channel_of(dep.target)
         if dep.config is None:
             # First delivery: the sequence first (it locks the widget row, and on PostgreSQL
             # share-locks the organization: see catalog_impact), then the snapshot.
-            loaded = live_state.take_sequence(session, organization_id, widget_id)
+            loaded = live_state.take_sequence(session, organization_id, widget_id, channel)
             if loaded is None and lock_for_freeze(session, organization_id) is None:
                 raise InvalidJobError(f"unknown organization {organization_id}")
         else:
-            loaded = live_state.load_with_live(session, organization_id, widget_id)
+            loaded = live_state.load_with_live(session, organization_id, widget_id, channel)
         widget = loaded.widget if loaded else None
         gone = live_state.gone_reason(session, organization_id, widget_id, widget)
         if dep.config is None:
@@ -140,9 +141,12 @@ def freeze_in(session: Session, organization_id: str, widget_id: str, deployment
                 job_state.finish(dep, "failure", problem)
                 return outcome(dep)
             assert dep.config is not None
-            dep.s3_key = container_key(loaded.api_key, widget.id)
+            dep.s3_key = target_key(dep.target, loaded.api_key, widget.id)
             dep.sequence = widget.publish_seq
-            add_snapshot_refs(session, organization_id, widget_id, widget.publish_seq, dep.config)
+            if channel.is_production:  # a catalog edit makes only production stale
+                add_snapshot_refs(
+                    session, organization_id, widget_id, widget.publish_seq, dep.config
+                )
         job_state.mark_running(dep)
         session.flush()
         assert dep.sequence is not None

@@ -7,7 +7,7 @@ the latest by the task's hard time limit, so after ``late_write_horizon_seconds`
 any more. Two outcomes are checked once more at that point, by beat (``widgets.check_late_writes``):
 
 * an **archived** widget: a deploy's ``If-None-Match: *`` write held up past the archive finds
-  the key free and brings the file back. The container key is deleted once more
+  the key free and brings the file back. The container and preview keys are deleted once more
   (:func:`sweep_archived`); nothing can legitimately write it after the archive.
 * a deployment that ended ``failure`` after being frozen: a write of its held up past the
   failure makes its bytes live. If the file is still its, the recorded snapshot is put back (or
@@ -28,7 +28,7 @@ from sqlmodel import col, select
 from worker.db import read_session, unit_of_work
 from worker.models import ArchiveJob, Deployment, Organization, utcnow
 from worker.services.publish import Store, observe, restore_record
-from worker.storage_keys import container_key
+from worker.storage_keys import container_key, preview_key
 
 BATCH = 200
 MAX_BATCHES = 5  # per tick: 1,000 rows of each kind, inside the task's soft time limit
@@ -56,6 +56,7 @@ def sweep_archived(now: datetime, horizon: float, store: Store, report: LateWrit
             .limit(BATCH)
         ).all()
     for job_id, widget_id, api_key in rows:
+        store().delete(preview_key(api_key, widget_id))
         store().delete(container_key(api_key, widget_id))
         with unit_of_work("late_writes.mark_swept") as session:
             job = session.get(ArchiveJob, job_id)

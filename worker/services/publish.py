@@ -27,6 +27,10 @@ that ends ``failure`` looks at the file again after recording it, and a write th
 deployment already failed undoes itself: whichever looks last undoes, so a failed deployment's
 bytes do not stay live. A write sent but never answered may still land later; once it no longer
 can, :mod:`worker.services.late_writes` checks the file once more.
+
+All of this holds per file: a preview deployment decides against the widget's preview record
+and writes the preview object (``Cache-Control: no-store``); a production one, the container
+file (:class:`worker.services.live_state.Channel`).
 """
 
 from __future__ import annotations
@@ -54,6 +58,15 @@ MAX_ROUNDS = 8
 
 Store = Callable[[], S3Store]
 Cas = Callable[[Session, Deployment], bool]
+
+# A preview is looked at by its reviewer right after it is published: no cache may keep it.
+PREVIEW_CACHE_CONTROL = "no-store"
+
+
+def cache_control(dep: Deployment) -> str | None:
+    """The file's ``Cache-Control``: ``no-store`` for a preview, the store's (S3_CACHE_CONTROL)
+    for production."""
+    return PREVIEW_CACHE_CONTROL if dep.target == live_state.PREVIEW.target else None
 
 
 def object_metadata(dep: Deployment, checksum: str) -> dict[str, str]:
@@ -163,8 +176,9 @@ def restore_record(dep: Deployment, stray: Live, store: Store) -> None:
     with read_session("publish.read_record") as session:
         widget = live_state.load_widget(session, dep.organization_id, dep.widget_id)
         target = None
-        if widget is not None and not widget.is_archived and widget.live_seq is not None:
-            target = live_state.deployment_at(session, dep.widget_id, widget.live_seq)
+        live_seq = live_state.channel_of(dep.target).live_seq(widget) if widget else None
+        if widget is not None and not widget.is_archived and live_seq is not None:
+            target = live_state.deployment_at(session, dep.widget_id, live_seq)
     try:
         if target is None or target.config is None:
             store().delete(dep.s3_key, if_match=stray.etag)
@@ -177,6 +191,7 @@ def restore_record(dep: Deployment, stray: Live, store: Store) -> None:
             body,
             metadata=object_metadata(target, sha256_hex(body)),
             if_match=stray.etag,
+            cache_control=cache_control(target),
         )
     except PreconditionFailed:
         return  # a later writer replaced it; that writer decides from here
@@ -270,6 +285,7 @@ def publish(dep: Deployment, state: WidgetState, store: Store) -> DeployOutcome:
                     metadata=object_metadata(dep, checksum),
                     if_match=live.etag,
                     if_none_match=not live.exists,
+                    cache_control=cache_control(dep),
                 )
             except PreconditionFailed:
                 observed = observe(store, dep.s3_key)  # someone wrote first: look, decide again
