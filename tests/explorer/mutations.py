@@ -36,9 +36,10 @@ MUTATIONS = [
         "catalog-refs-only-when-live",
         "1: a catalog edit during an in-flight deploy is lost",
         "worker/services/deploy.py",
-        "            add_snapshot_refs("
-        "session, organization_id, widget_id, widget.publish_seq, dep.config)\n",
-        "",
+        "                add_snapshot_refs(\n"
+        "                    session, organization_id, widget_id, widget.publish_seq, dep.config\n"
+        "                )\n",
+        "                pass\n",
         f"{EXPLORER}[first-deploy-vs-catalog-edit]",
     ),
     Mutation(
@@ -136,6 +137,27 @@ MUTATIONS.append(
         f"{EXPLORER}[chunk-vs-edit-and-deploy]",
     )
 )
+
+
+# Not one of the seven: a preview has its own order and its own file.
+MUTATIONS += [
+    Mutation(
+        "production-coalesces-into-a-preview",
+        "preview: a production deploy counts a newer preview as its newer snapshot",
+        "worker/services/live_state.py",
+        "            Deployment.target == dep.target,\n            Deployment.deployment_id != dep",
+        "            Deployment.deployment_id != dep",
+        f"{EXPLORER}[deploy-vs-preview]",
+    ),
+    Mutation(
+        "archive-leaves-the-preview-file",
+        "preview: an archive takes down the container file only",
+        "worker/services/archive.py",
+        "        store().delete(preview_key(api_key, widget_id))\n",
+        "        pass\n",
+        f"{EXPLORER}[preview-vs-archive]",
+    ),
+]
 
 
 def _git(*args: str, cwd: Path = ROOT) -> None:

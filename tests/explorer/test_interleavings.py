@@ -65,9 +65,9 @@ def _draft(world: World, store: S3Store) -> None:
     pass
 
 
-def _deploy(name: str = "deploy", runs: int = 3) -> Actors:
+def _deploy(name: str = "deploy", runs: int = 3, target: str = "production") -> Actors:
     def actors(world: World, run: Run, store: Callable[[], Any]) -> None:
-        dep = world.queue()
+        dep = world.queue(target)
         job = world.deploy_job(dep, store, runs)
         run.spawn(name, job, redeliver=job)
 
@@ -234,6 +234,34 @@ CHUNK_SCENARIOS = [
     ),
 ]
 SCENARIOS += CHUNK_SCENARIOS
+
+# A preview deployment (its own file and record) beside a production deploy or an archive: it
+# never overtakes, coalesces with or fences the production deploy, and nothing of an archived
+# widget stays live, its preview file included (a preview write held up past the archive too).
+PREVIEW_SCENARIOS = [
+    Scenario(
+        "deploy-vs-preview",
+        _published("B"),
+        _with(_deploy(), _deploy("preview", target="preview")),
+        Faults(crash=frozenset({"deploy", "preview"}), lose_answer=frozenset({"preview"})),
+        preemptions=2,
+    ),
+    Scenario(
+        "preview-vs-archive",
+        _published("B"),
+        _with(_deploy("preview", target="preview"), _archive),
+        Faults(crash=frozenset({"preview", "archive"})),
+        preemptions=2,
+    ),
+    Scenario(
+        "preview-held-vs-archive",
+        _draft,
+        _with(_deploy("preview", target="preview"), _archive),
+        Faults(hold=frozenset({"preview"}), crash=frozenset({"archive"})),
+        preemptions=2,
+    ),
+]
+SCENARIOS += PREVIEW_SCENARIOS
 
 EXHAUSTIVE_LIMIT = 20_000
 RANDOM_SCHEDULES = int(os.environ.get("EXPLORER_RANDOM_SCHEDULES", "60"))

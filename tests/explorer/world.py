@@ -35,9 +35,10 @@ from worker.services import deploy as deploy_service
 from worker.services.archive import mark_archived, run_archive
 from worker.services.catalog_impact import mark_embedding_widgets
 from worker.services.chunking import one_by_one
+from worker.services.live_state import PREVIEW, PRODUCTION, Channel
 from worker.services.locking import lock_widget
 from worker.services.snapshot import build_snapshot, content_checksum
-from worker.storage_keys import container_key
+from worker.storage_keys import container_key, preview_key
 
 
 class SteppedStore:
@@ -110,6 +111,7 @@ class World:
     widget_id: str
     purposes: dict[str, str]  # name → id
     key: str
+    preview_key: str
     deployments: list[str] = field(default_factory=list)
     held: bool = False
 
@@ -137,12 +139,22 @@ class World:
                     components={"text": "A"},
                 )
             )
-        return cls(org_id, api_key, widget_id, purposes, container_key(api_key, widget_id))
+        return cls(
+            org_id,
+            api_key,
+            widget_id,
+            purposes,
+            container_key(api_key, widget_id),
+            preview_key(api_key, widget_id),
+        )
 
-    def queue(self) -> str:
+    def queue(self, target: str = "production") -> str:
         """A deployment row as the API commits it."""
         dep = Deployment(
-            organization_id=self.org_id, widget_id=self.widget_id, enqueued_at=utcnow()
+            organization_id=self.org_id,
+            widget_id=self.widget_id,
+            target=target,
+            enqueued_at=utcnow(),
         )
         with unit_of_work("api.create_deployment") as s:
             s.add(dep)
@@ -296,7 +308,6 @@ class World:
     def violations(self, s3: Any, bucket: str) -> list[str]:
         """Everything docs/guarantees.md promises about this widget's end state."""
         problems: list[str] = []
-        file_body, file_meta = _read(s3, bucket, self.key)
         with unit_of_work() as s:
             widget = s.get(Widget, self.widget_id)
             deps = {
@@ -319,45 +330,75 @@ class World:
             if j.status not in ("success", "failure"):
                 problems.append(f"archive job ended {j.status}")
         archived = widget is None or widget.is_archived or bool(jobs)
-        if archived:
-            if file_body is not None:
-                named = file_meta.get("deployment-id")
-                problems.append(f"the archived widget's file is live (deployment {named})")
-            return problems
-        assert widget is not None
-        named = file_meta.get("deployment-id") if file_body is not None else None
-        if named is not None and deps.get(named) is not None and deps[named].status == "failure":
-            problems.append(f"failed deployment {named}'s bytes are live")
-        if widget.live_seq is None:
-            if file_body is not None:
-                problems.append(f"nothing recorded live, but {named}'s file is")
-            if status != "draft":
+        for channel, key in ((PRODUCTION, self.key), (PREVIEW, self.preview_key)):
+            file_body, file_meta = _read(s3, bucket, key)
+            named = file_meta.get("deployment-id") if file_body is not None else None
+            if archived:
+                if file_body is not None:
+                    problems.append(
+                        f"the archived widget's {channel.target} file is live (deployment {named})"
+                    )
+                continue
+            assert widget is not None
+            problems += [
+                f"{channel.target}: {p}"
+                for p in _file_problems(channel, widget, deps, file_body, named)
+            ]
+            if not channel.is_production:
+                continue
+            if widget.live_seq is None and status != "draft":
                 problems.append(f"never published, yet reads {status}")
-            return problems
-        if file_body is None:
-            problems.append(f"seq {widget.live_seq} recorded live, but there is no file")
-            return problems
-        if named != widget.live_deployment_id or file_body.get("deployment_id") != named:
-            problems.append(
-                f"live_deployment_id {widget.live_deployment_id} but the file is {named}'s"
-            )
-        recorded = next((d for d in deps.values() if d.sequence == widget.live_seq), None)
-        file_content = content_checksum(file_body)
-        if recorded is None or recorded.content_checksum != file_content:
-            problems.append(f"the file is not the recorded snapshot (seq {widget.live_seq})")
-        newest = max(
-            (
-                d.sequence
-                for d in deps.values()
-                if d.status == "success" and d.live_deployment_id == d.deployment_id
-            ),
-            default=None,
-        )
-        if newest is not None and newest > widget.live_seq:
-            problems.append(f"seq {newest} was published but seq {widget.live_seq} is recorded")
-        if status == "published" and file_content != now_content:
-            problems.append("reads published, but the live file is not what a deploy would publish")
+            if status == "published" and (
+                file_body is None or content_checksum(file_body) != now_content
+            ):
+                problems.append("reads published, but the live file is not what a deploy would")
         return problems
+
+
+def _file_problems(
+    channel: Channel,
+    widget: Widget,
+    deps: dict[str, Deployment],
+    file_body: dict[str, Any] | None,
+    named: str | None,
+) -> list[str]:
+    """One file of a live widget: the newest recorded snapshot of its own channel, named by its
+    record, never a failed deployment's nor another channel's."""
+    problems: list[str] = []
+    mine = {k: d for k, d in deps.items() if d.target == channel.target}
+    if named is not None and named not in mine:
+        problems.append(f"the file is {named}'s, not a deployment of this target")
+    if named is not None and named in mine and mine[named].status == "failure":
+        problems.append(f"failed deployment {named}'s bytes are live")
+    problems += [
+        f"{d.deployment_id} names {d.live_deployment_id} live, a deployment of another target"
+        for d in mine.values()
+        if d.live_deployment_id is not None and d.live_deployment_id not in mine
+    ]
+    live_seq = channel.live_seq(widget)
+    if live_seq is None:
+        if file_body is not None:
+            problems.append(f"nothing recorded live, but {named}'s file is")
+        return problems
+    if file_body is None:
+        return [*problems, f"seq {live_seq} recorded live, but there is no file"]
+    recorded_id = getattr(widget, channel.deployment_id)
+    if named != recorded_id or file_body.get("deployment_id") != named:
+        problems.append(f"the record names {recorded_id} but the file is {named}'s")
+    recorded = next((d for d in mine.values() if d.sequence == live_seq), None)
+    if recorded is None or recorded.content_checksum != content_checksum(file_body):
+        problems.append(f"the file is not the recorded snapshot (seq {live_seq})")
+    newest = max(
+        (
+            d.sequence
+            for d in mine.values()
+            if d.status == "success" and d.live_deployment_id == d.deployment_id and d.sequence
+        ),
+        default=None,
+    )
+    if newest is not None and newest > live_seq:
+        problems.append(f"seq {newest} was published but seq {live_seq} is recorded")
+    return problems
 
 
 def _read(s3: Any, bucket: str, key: str) -> tuple[dict[str, Any] | None, dict[str, str]]:
