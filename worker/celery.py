@@ -129,6 +129,12 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": timedelta(seconds=settings.reconcile_schedule_seconds),
             "options": {"expires": settings.reconcile_schedule_seconds},
         },
+        # Scheduled deploys: the due ones are found in the database and sent (never broker ETAs).
+        "send-due-deployments": {
+            "task": c.SEND_DUE_TASK,
+            "schedule": timedelta(seconds=settings.schedule_tick_seconds),
+            "options": {"expires": settings.schedule_tick_seconds},
+        },
         # Same tick as the reconciler: what became due is checked within a minute of its horizon.
         "check-late-writes": {
             "task": c.LATE_WRITES_TASK,

@@ -10,6 +10,7 @@ CLEANUP_TASK = "widgets.cleanup_drafts"
 RECONCILE_TASK = "widgets.reconcile"
 BULK_DEPLOY_TASK = "widgets.bulk_deploy"
 LATE_WRITES_TASK = "widgets.check_late_writes"
+SEND_DUE_TASK = "widgets.send_due_deployments"
 
 DEPLOY_QUEUE = "deployments"
 ARCHIVE_QUEUE = "archives"
@@ -27,6 +28,7 @@ TASK_ROUTES = {
     CLEANUP_TASK: {"queue": MAINTENANCE_QUEUE},
     RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE},
     LATE_WRITES_TASK: {"queue": MAINTENANCE_QUEUE},
+    SEND_DUE_TASK: {"queue": MAINTENANCE_QUEUE},
 }
 
 # A task is soft-interrupted (and retried) after SOFT, killed after HARD seconds.

@@ -145,6 +145,9 @@ class Settings(DatabaseSettings):
     # (the schedule file remembers the last run).
     cleanup_crontab_hour: int = Field(default=3, ge=0, le=23)
     reconcile_schedule_seconds: float = Field(default=60, gt=0)
+    # Beat's tick that sends the scheduled deployments now due (worker.services.schedule): a
+    # scheduled deploy publishes within about this long of its publish_at.
+    schedule_tick_seconds: float = Field(default=5, gt=0, le=60)
     # How long after a deployment failed, or a widget was archived, a write sent before it may
     # still reach S3: the task's hard time limit (the latest a write is sent) plus the 15 min
     # S3 accepts a signed request for, plus a margin. Past it, the file is checked once more

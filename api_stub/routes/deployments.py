@@ -25,7 +25,9 @@ from api_stub.schemas.deployments import (
 )
 from worker import producer
 from worker.ids import MAX_ID_LENGTH
-from worker.models import Deployment, Organization, Widget, utcnow
+from worker.models import SCHEDULED, Deployment, Organization, Widget, utcnow
+from worker.services import schedule
+from worker.services.deploy import freeze_scheduled
 
 router = APIRouter(prefix="/widgets/deployments", tags=["deployments"])
 # The path names a deployment by its ``id`` (what ``Location`` and ``GET /widgets/deployments``
@@ -123,6 +125,10 @@ def _enqueue(
     widget = get_live_widget(session, org, body.widget_id)
     if body.source_deployment_id is not None:
         _check_rollback_source(session, org, body)
+    if body.publish_at is not None:
+        problem = schedule.schedule_problem(body.publish_at, utcnow())
+        if problem is not None:
+            raise bad_request(problem, {"publish_at": problem})
     dep = Deployment(
         organization_id=org.id,
         widget_id=widget.id,
@@ -136,6 +142,8 @@ def _enqueue(
         dep.deployment_id = body.deployment_id
     session.add(dep)
     try:
+        if body.publish_at is not None:
+            _freeze_for_later(session, dep, body)
         session.commit()
     except IntegrityError:
         # The same deployment_id sent twice at once: the other request created it.
@@ -145,8 +153,20 @@ def _enqueue(
         if existing is None:
             raise
         return _repeat(request, response, org, body, existing)
-    producer.send_deploy(org.id, widget.id, dep.deployment_id)
+    if body.publish_at is None:  # a scheduled one is sent by beat when due
+        producer.send_deploy(org.id, widget.id, dep.deployment_id)
     return _accepted(request, response, dep)
+
+
+def _freeze_for_later(session: Session, dep: Deployment, body: DeploymentCreate) -> None:
+    """A scheduled deploy: its snapshot frozen in this transaction (what is reviewed now is
+    what goes live at ``publish_at``)."""
+    dep.status, dep.publish_at = SCHEDULED, body.publish_at
+    session.flush()
+    problem = freeze_scheduled(session, dep)
+    if problem is not None:
+        session.rollback()
+        raise ApiError(409, f"the deployment cannot be scheduled: {problem}")
 
 
 @router.post(
@@ -183,9 +203,33 @@ def promote_deployment(
         widget_id=preview.widget_id,
         deployment_id=body.deployment_id,
         source_deployment_id=preview.deployment_id,
+        publish_at=body.publish_at,
         reason=body.reason,
     )
     return _enqueue(create, org, actor, session, request, response)
+
+
+@router.post(
+    "/{deployment_id}/cancel",
+    responses={409: {"description": "The deployment is not scheduled (or already due)"}},
+)
+def cancel_deployment(
+    deployment_id: DeploymentIdPath, org: OrgDep, session: SessionDep
+) -> DeploymentPublic:
+    """Cancel a scheduled deployment that has not started: it ends ``cancelled`` and never
+    publishes. Cancelling it again returns it unchanged; once beat has sent it (it is due),
+    it cannot be cancelled (409)."""
+    dep = _get(session, org, deployment_id)
+    if dep.status != "cancelled" and not schedule.cancel(session, dep):
+        session.rollback()
+        raise ApiError(
+            409,
+            f"deployment {dep.id} is {dep.status}: only a scheduled deployment that is not "
+            "due yet can be cancelled",
+        )
+    session.commit()
+    session.refresh(dep)
+    return DeploymentPublic.model_validate(dep)
 
 
 DEPLOYMENT_LIST_QUERY = list_query("widget_id", "created_by", "bulk_id", "target")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, model_validator
 
 from api_stub.schemas.common import (
     JsonObject,
@@ -31,6 +31,9 @@ class DeploymentCreate(OrgScopedInput):
     # A rollback: republish this earlier successful deployment's snapshot of the same widget.
     source_deployment_id: SafeId | None = None
     target: Target = "production"
+    # RFC 3339 with an offset, in the future (at most a year ahead): the snapshot is frozen now
+    # and published then (status ``scheduled`` until due; ``POST .../cancel`` cancels it).
+    publish_at: AwareDatetime | None = None
     reason: Reason | None = None
 
 
@@ -39,6 +42,8 @@ class PromotionCreate(OrgScopedInput):
 
     # Optional idempotency key of the production deployment the promotion creates.
     deployment_id: SafeId | None = None
+    # Promote later: as for a deploy, frozen now and published at this time.
+    publish_at: AwareDatetime | None = None
     reason: Reason | None = None
 
 
@@ -49,7 +54,9 @@ class DeploymentPublic(OutputModel):
     widget_id: str
     target: Target
     config: JsonObject | None
-    status: Literal["ready", "running", "success", "failure"]
+    status: Literal["scheduled", "ready", "running", "success", "failure", "cancelled"]
+    # When a scheduled deployment publishes (null: as soon as a worker takes it).
+    publish_at: Timestamp | None
     error: str | None
     attempts: int
     widget_version: int | None

@@ -192,7 +192,10 @@ def test_json_bodies_say_no_nul_character(spec):
             continue
         for node in _strings_and_maps(spec, content["application/json"]["schema"], set()):
             checked += 1
+            # A date-time's format already excludes NUL (RFC 3339 has none).
             if node["type"] == "string" and not {"enum", "const"} & node.keys():
+                if node.get("format") == "date-time":
+                    continue
                 assert re.fullmatch(node["pattern"], "x\x00") is None, (method, path, node)
             if node["type"] == "object" and "properties" not in node:
                 assert node["propertyNames"]["pattern"] == NO_NUL_PATTERN, (method, path, node)

@@ -36,10 +36,9 @@ MUTATIONS = [
         "catalog-refs-only-when-live",
         "1: a catalog edit during an in-flight deploy is lost",
         "worker/services/deploy.py",
-        "                add_snapshot_refs(\n"
-        "                    session, organization_id, widget_id, widget.publish_seq, dep.config\n"
-        "                )\n",
-        "                pass\n",
+        "        add_snapshot_refs("
+        "session, dep.organization_id, dep.widget_id, dep.sequence, dep.config)\n",
+        "        pass\n",
         f"{EXPLORER}[first-deploy-vs-catalog-edit]",
     ),
     Mutation(

@@ -11,7 +11,10 @@ from sqlmodel import Field, SQLModel
 from worker.ids import new_id
 from worker.models.types import PortableJSON, UTCDateTime, utcnow
 
-FINAL_STATUSES: frozenset[str] = frozenset({"success", "failure"})
+# ``cancelled``: a scheduled deployment cancelled before it was due (it never publishes).
+FINAL_STATUSES: frozenset[str] = frozenset({"success", "failure", "cancelled"})
+# Waiting for its ``publish_at`` (snapshot frozen): sent by beat when due, then ``ready``.
+SCHEDULED = "scheduled"
 # Where a deployment publishes: the container file websites load, or the widget's preview file.
 TARGETS = ("production", "preview")
 # Who asked for a job (``created_by``): an API key's id, the admin, or a Celery producer that
@@ -72,6 +75,8 @@ class Deployment(SQLModel, table=True):
     # A ``failure`` that may have sent a write S3 had not answered: checked once the longest
     # time such a request can still land has passed (worker.services.late_writes).
     late_write_checked_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # A scheduled deployment's time (worker.services.schedule); None: published at once.
+    publish_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     # A rollback republishes this earlier deployment's snapshot (same bytes, its own id).
     source_deployment_id: str | None = Field(default=None, max_length=64)
     bulk_id: str | None = Field(default=None, max_length=64)

@@ -27,7 +27,7 @@ from sqlmodel import Session
 
 from worker.db import unit_of_work
 from worker.ids import require_safe_id
-from worker.models import Deployment, Widget, utcnow
+from worker.models import SCHEDULED, Deployment, Widget, utcnow
 from worker.s3 import S3Store
 from worker.services import job_state, live_state
 from worker.services.catalog_impact import add_snapshot_refs, lock_for_freeze
@@ -108,6 +108,9 @@ def freeze_in(session: Session, organization_id: str, widget_id: str, deployment
             session.add(dep)
         elif dep.widget_id != widget_id:
             raise InvalidJobError(f"deployment {deployment_id} belongs to another widget")
+        if dep.status == SCHEDULED:
+            # Not due yet (a producer's or a duplicate message): beat sends it when it is.
+            return outcome(dep)
         if job_state.is_final(dep):
             if dep.status == "failure" and dep.sequence is not None:
                 # Failed by another delivery (a give-up) while this one's earlier attempt may
@@ -133,25 +136,45 @@ def freeze_in(session: Session, organization_id: str, widget_id: str, deployment
         widget = loaded.widget if loaded else None
         gone = live_state.gone_reason(session, organization_id, widget_id, widget)
         if dep.config is None:
-            if gone is not None or widget is None or loaded is None:
-                job_state.finish(dep, "failure", gone)
-                return outcome(dep)
-            problem = _freeze_snapshot(session, dep, widget)
+            problem = _freeze_into(session, dep, loaded, gone)
             if problem is not None:
                 job_state.finish(dep, "failure", problem)
                 return outcome(dep)
-            assert dep.config is not None
-            dep.s3_key = target_key(dep.target, loaded.api_key, widget.id)
-            dep.sequence = widget.publish_seq
-            if channel.is_production:  # a catalog edit makes only production stale
-                add_snapshot_refs(
-                    session, organization_id, widget_id, widget.publish_seq, dep.config
-                )
         job_state.mark_running(dep)
         session.flush()
         assert dep.sequence is not None
         state = live_state.read_state(session, dep, loaded=(loaded, gone))
         return _Frozen(dep, state)
+
+
+def _freeze_into(
+    session: Session, dep: Deployment, loaded: live_state.Loaded | None, gone: str | None
+) -> str | None:
+    """Freeze ``dep``'s snapshot with the sequence ``loaded`` took; why it cannot be, or None."""
+    if gone is not None or loaded is None:
+        return gone or live_state.NOT_FOUND_ERROR
+    widget = loaded.widget
+    problem = _freeze_snapshot(session, dep, widget)
+    if problem is not None:
+        return problem
+    assert dep.config is not None
+    dep.s3_key = target_key(dep.target, loaded.api_key, widget.id)
+    dep.sequence = widget.publish_seq
+    if dep.target == live_state.PRODUCTION.target:  # a catalog edit makes only production stale
+        add_snapshot_refs(session, dep.organization_id, dep.widget_id, dep.sequence, dep.config)
+    return None
+
+
+def freeze_scheduled(session: Session, dep: Deployment) -> str | None:
+    """Freeze a scheduled deployment when it is requested, in the caller's transaction (which
+    added ``dep``): what was reviewed is what goes live at ``publish_at``. It takes its
+    sequence now, so a deploy requested later is newer and wins (the ordinary rule). Why it
+    cannot be frozen, or None."""
+    channel = live_state.channel_of(dep.target)
+    loaded = live_state.take_sequence(session, dep.organization_id, dep.widget_id, channel)
+    widget = loaded.widget if loaded else None
+    gone = live_state.gone_reason(session, dep.organization_id, dep.widget_id, widget)
+    return _freeze_into(session, dep, loaded, gone)
 
 
 def _freeze_snapshot(session: Session, dep: Deployment, widget: Widget) -> str | None:

@@ -28,6 +28,10 @@ from worker.db import is_postgres
 from worker.models import ArchiveJob, Deployment, Organization, Widget
 from worker.services.catalog_impact import org_for_freeze, prune_refs
 
+# Frozen above a deployment, yet not a newer snapshot it may coalesce into: failed, or waiting
+# for its publish time (scheduled), or cancelled before it (it will never publish).
+NEVER_NEWER = ("failure", "scheduled", "cancelled")
+
 ARCHIVED_ERROR = "widget archived: deployments of an archived widget are not published"
 NOT_FOUND_ERROR = "widget not found (deleted, or not a widget of this organization)"
 
@@ -237,7 +241,8 @@ def read_state(
             Deployment.target == dep.target,
             Deployment.deployment_id != dep.deployment_id,
             or_(
-                (col(Deployment.sequence) > dep.sequence) & (col(Deployment.status) != "failure"),
+                (col(Deployment.sequence) > dep.sequence)
+                & col(Deployment.status).not_in(NEVER_NEWER),
                 col(Deployment.sequence).is_(None)
                 & (col(Deployment.status) == "ready")
                 & (col(Deployment.created_at) >= dep.created_at),

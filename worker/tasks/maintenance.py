@@ -1,4 +1,5 @@
-"""Periodic tasks run by celery beat: ``widgets.cleanup_drafts`` and ``widgets.reconcile``."""
+"""Periodic tasks run by celery beat: ``widgets.cleanup_drafts``, ``widgets.reconcile``,
+``widgets.check_late_writes`` and ``widgets.send_due_deployments``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from worker import producer
 from worker.celery import app
 from worker.models import utcnow
 from worker.s3 import S3Error, get_store
-from worker.services import chunking, cleanup, deploy, reconcile
+from worker.services import chunking, cleanup, deploy, reconcile, schedule
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,18 @@ def send_archives(jobs: cleanup.ArchiveJobs) -> None:
     for org_id, items in by_org.items():
         for chunk in chunking.chunks(items):
             producer.send_archive_chunk(org_id, chunk)
+
+
+@app.task(name=c.SEND_DUE_TASK, acks_late=True)
+def send_due_deployments() -> dict[str, Any]:
+    """Beat's tick: the scheduled deployments now due become ``ready`` and are sent. One that
+    the broker does not take stays ``ready``; the reconciler sends it later."""
+    due = schedule.take_due(utcnow())
+    unsent = [dep_id for org_id, widget_id, dep_id in due
+              if not producer.send_deploy(org_id, widget_id, dep_id)]  # fmt: skip
+    if unsent:
+        log.warning("%d due deployments not sent (the reconciler will): %s", len(unsent), unsent)
+    return {"sent": len(due) - len(unsent), "unsent": unsent}
 
 
 @app.task(name=c.CLEANUP_TASK, acks_late=True)
