@@ -23,6 +23,7 @@ from api_stub.routes import (
     preferences,
     purposes,
     tenancy,
+    webhooks,
     widgets,
 )
 from worker.db import api_engine, reset_engine
@@ -68,6 +69,7 @@ def create_app(body_read_timeout: float = BODY_READ_TIMEOUT_SECONDS) -> FastAPI:
     app.include_router(archive.router)
     app.include_router(assets.router)
     app.include_router(widgets.router)
+    app.include_router(webhooks.router)
     return app
 
 

@@ -135,6 +135,12 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
             "schedule": timedelta(seconds=settings.schedule_tick_seconds),
             "options": {"expires": settings.schedule_tick_seconds},
         },
+        # Webhook deliveries due (new events, retries whose wait is over, expired leases).
+        "dispatch-webhooks": {
+            "task": c.DISPATCH_WEBHOOKS_TASK,
+            "schedule": timedelta(seconds=settings.webhook_tick_seconds),
+            "options": {"expires": settings.webhook_tick_seconds},
+        },
         # Same tick as the reconciler: what became due is checked within a minute of its horizon.
         "check-late-writes": {
             "task": c.LATE_WRITES_TASK,
@@ -191,6 +197,7 @@ app = Celery(
         "worker.tasks.bulk",
         "worker.tasks.maintenance",
         "worker.tasks.late_writes",
+        "worker.tasks.webhooks",
     ],
 )
 app.add_defaults(_load_config)

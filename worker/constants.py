@@ -11,13 +11,18 @@ RECONCILE_TASK = "widgets.reconcile"
 BULK_DEPLOY_TASK = "widgets.bulk_deploy"
 LATE_WRITES_TASK = "widgets.check_late_writes"
 SEND_DUE_TASK = "widgets.send_due_deployments"
+DISPATCH_WEBHOOKS_TASK = "widgets.dispatch_webhooks"
+DELIVER_WEBHOOK_TASK = "widgets.deliver_webhook"
 
 DEPLOY_QUEUE = "deployments"
 ARCHIVE_QUEUE = "archives"
 MAINTENANCE_QUEUE = "maintenance"
+# Webhook attempts wait on receivers (up to WEBHOOK_TIMEOUT_SECONDS each): their own queue, so a
+# slow receiver never holds up a deploy's message.
+WEBHOOK_QUEUE = "webhooks"
 # Celery's default queue, for producers that send a task without naming a queue or routes.
 DEFAULT_CELERY_QUEUE = "celery"
-QUEUES = (DEPLOY_QUEUE, ARCHIVE_QUEUE, MAINTENANCE_QUEUE, DEFAULT_CELERY_QUEUE)
+QUEUES = (DEPLOY_QUEUE, ARCHIVE_QUEUE, MAINTENANCE_QUEUE, WEBHOOK_QUEUE, DEFAULT_CELERY_QUEUE)
 
 TASK_ROUTES = {
     DEPLOY_TASK: {"queue": DEPLOY_QUEUE},
@@ -29,6 +34,8 @@ TASK_ROUTES = {
     RECONCILE_TASK: {"queue": MAINTENANCE_QUEUE},
     LATE_WRITES_TASK: {"queue": MAINTENANCE_QUEUE},
     SEND_DUE_TASK: {"queue": MAINTENANCE_QUEUE},
+    DISPATCH_WEBHOOKS_TASK: {"queue": WEBHOOK_QUEUE},
+    DELIVER_WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
 }
 
 # A task is soft-interrupted (and retried) after SOFT, killed after HARD seconds.

@@ -191,6 +191,10 @@ def send_archive_chunk(organization_id: str, items: list[tuple[str, str]]) -> bo
     )
 
 
+def send_webhook_delivery(webhook_id: str, endpoint_id: str) -> bool:
+    return _send(c.DELIVER_WEBHOOK_TASK, {"webhook_id": webhook_id, "endpoint_id": endpoint_id})
+
+
 def send_bulk(organization_id: str, bulk_id: str) -> bool:
     return _send(c.BULK_DEPLOY_TASK, {"organization_id": organization_id, "bulk_id": bulk_id})
 

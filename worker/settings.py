@@ -148,6 +148,20 @@ class Settings(DatabaseSettings):
     # Beat's tick that sends the scheduled deployments now due (worker.services.schedule): a
     # scheduled deploy publishes within about this long of its publish_at.
     schedule_tick_seconds: float = Field(default=5, gt=0, le=60)
+    # Webhooks (worker.services.webhook_delivery): beat's tick that sends the deliveries due;
+    # one attempt's time budget (connect within WEBHOOK_CONNECT_TIMEOUT_SECONDS); the waits
+    # between attempts (then ``failed``; ~27.6 h in all, each ±20 % jitter); how long the
+    # previous secret still signs after a rotation.
+    webhook_tick_seconds: float = Field(default=1, gt=0, le=60)
+    webhook_timeout_seconds: float = Field(default=10, gt=0, le=30)
+    webhook_connect_timeout_seconds: float = Field(default=3, gt=0, le=30)
+    webhook_retry_schedule_seconds: list[float] = Field(
+        default=[5, 300, 1800, 7200, 18000, 36000, 36000], min_length=1, max_length=30
+    )
+    webhook_secret_overlap_seconds: float = Field(default=86400, ge=0)
+    # Endpoints must be https on public addresses; true also allows http and private, loopback
+    # and link-local addresses (the tests, the embedded stack). Unset: true in development only.
+    webhook_allow_private_networks: bool | None = None
     # How long after a deployment failed, or a widget was archived, a write sent before it may
     # still reach S3: the task's hard time limit (the latest a write is sent) plus the 15 min
     # S3 accepts a signed request for, plus a margin. Past it, the file is checked once more
@@ -195,6 +209,11 @@ class Settings(DatabaseSettings):
     @property
     def is_development(self) -> bool:
         return self.app_env == "development"
+
+    @property
+    def webhooks_may_reach_private_networks(self) -> bool:
+        allowed = self.webhook_allow_private_networks
+        return self.is_development if allowed is None else allowed
 
     @property
     def signing_key(self) -> str:

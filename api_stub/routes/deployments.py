@@ -26,7 +26,7 @@ from api_stub.schemas.deployments import (
 from worker import producer
 from worker.ids import MAX_ID_LENGTH
 from worker.models import SCHEDULED, Deployment, Organization, Widget, utcnow
-from worker.services import schedule
+from worker.services import schedule, webhook_outbox
 from worker.services.deploy import freeze_scheduled
 
 router = APIRouter(prefix="/widgets/deployments", tags=["deployments"])
@@ -167,6 +167,9 @@ def _freeze_for_later(session: Session, dep: Deployment, body: DeploymentCreate)
     if problem is not None:
         session.rollback()
         raise ApiError(409, f"the deployment cannot be scheduled: {problem}")
+    webhook_outbox.record_event(
+        session, dep.organization_id, "deployment.scheduled", webhook_outbox.deployment_data(dep)
+    )
 
 
 @router.post(

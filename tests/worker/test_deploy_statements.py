@@ -20,11 +20,13 @@ from worker.services.deploy import run_deployment
 # taken; the snapshot reads one statement per kind of catalog item, and writes its refs; the
 # "newer waiting" check must come after the widget's lock; the outcome is the deployment's
 # UPDATE and the widget's compare-and-set (a redeploy also prunes the older snapshots' refs; a
-# same-content redeploy reads the fence in a third, read-only transaction).
-FIRST_DEPLOY = 9
-REDEPLOY = 10
-SAME_CONTENT = 11
-WITHOUT_CATALOG_ITEMS = 7
+# same-content redeploy reads the fence in a third, read-only transaction). The outcome's
+# transaction also writes its webhook event (one INSERT ... SELECT over the organization's
+# subscriptions, writing nothing when it has none: worker.services.webhook_outbox).
+FIRST_DEPLOY = 10
+REDEPLOY = 11
+SAME_CONTENT = 12
+WITHOUT_CATALOG_ITEMS = 8
 TRANSACTIONS = 2
 # The API's POST /widgets/deployments: the token's key and organization (one statement, at the
 # edge), the widget, the INSERT.

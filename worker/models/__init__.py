@@ -13,6 +13,12 @@ from worker.models.jobs import (
 )
 from worker.models.tenancy import ApiKey, Organization
 from worker.models.types import utcnow
+from worker.models.webhooks import (
+    WebhookAttempt,
+    WebhookDelivery,
+    WebhookEndpoint,
+    WebhookSubscription,
+)
 from worker.models.widgets import (
     PublicationStatus,
     SnapshotCatalogRef,
@@ -36,6 +42,10 @@ __all__ = [
     "PublicationStatus",
     "Purpose",
     "SnapshotCatalogRef",
+    "WebhookAttempt",
+    "WebhookDelivery",
+    "WebhookEndpoint",
+    "WebhookSubscription",
     "Widget",
     "WidgetAsset",
     "utcnow",

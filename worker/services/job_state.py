@@ -2,6 +2,8 @@
 
 ``ready`` → ``running`` (claimed) → ``success`` | ``failure`` (final, never left again);
 ``running`` → ``ready`` when a transient failure will be retried or the reconciler re-sends it.
+A job that ends records its webhook event in the same transaction
+(:mod:`worker.services.webhook_outbox`).
 """
 
 from __future__ import annotations
@@ -9,9 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import update
+from sqlalchemy.orm import object_session
 from sqlmodel import Session, col
 
 from worker.models import FINAL_STATUSES, ArchiveJob, Deployment, utcnow
+from worker.services import webhook_outbox
 
 Job = Deployment | ArchiveJob
 
@@ -42,8 +46,12 @@ def start(job: Job) -> None:
 
 
 def finish(job: Job, status: str, error: str | None = None) -> None:
+    """``status`` (final) on ``job``, a row of an open session: its event is recorded there."""
+    session = object_session(job)
+    assert isinstance(session, Session), "a job is finished in the session that loaded it"
     now = utcnow()
     job.status, job.error, job.finished_at, job.updated_at = status, error, now, now
+    webhook_outbox.record_finished(session, job, status)
 
 
 def finish_unless_final(
@@ -59,7 +67,12 @@ def finish_unless_final(
         .where(col(model.id) == job.id, col(model.status).not_in(FINAL_STATUSES))
         .values(status=status, error=error, finished_at=now, updated_at=now, **fields)
     )
-    return bool(result.rowcount)
+    if not result.rowcount:
+        return False
+    webhook_outbox.record_finished(
+        session, job, status, error=error, finished_at=now, updated_at=now, **fields
+    )
+    return True
 
 
 def back_to_ready(job: Job, error: str | None = None) -> None:
