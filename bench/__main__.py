@@ -47,6 +47,7 @@ TITLES = {
     "statements": "statements per deploy",
     "catalog": "catalog edit at scale",
     "bulk": "bulk redeploy vs single deploys",
+    "webhooks": "webhooks",
 }
 
 

@@ -20,6 +20,7 @@ SECTIONS = (
     "statements",
     "catalog",
     "bulk",
+    "webhooks",
 )
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "latest.json"
 

@@ -46,8 +46,15 @@ SEMANTIC_REJECTIONS: dict[str, tuple[str, ...]] = {
     "PATCH /widgets/{widget_id}": ("selected_purposes_ids", "selected_preferences_ids"),
     # the widgets must be this organization's and not archived
     "POST /widgets/deployments/bulk": ("widget_ids",),
-    # a rollback source must be a successful deployment of the same widget
-    "POST /widgets/deployments": ("source_deployment_id",),
+    # a rollback source must be a successful deployment of the same widget; publish_at must be
+    # in the future (and within a year) when the request arrives
+    "POST /widgets/deployments": ("source_deployment_id", "publish_at"),
+    # only a preview can be promoted; publish_at as above
+    "POST /widgets/deployments/{deployment_id}/promote": ("deployment_id", "publish_at"),
+    # an endpoint must be https on a public address (WEBHOOK_ALLOW_PRIVATE_NETWORKS aside): the
+    # host's addresses are not in the URL's text
+    "POST /webhooks": ("url",),
+    "PATCH /webhooks/{endpoint_id}": ("url",),
     # both deployments must have a frozen snapshot
     "GET /widgets/deployments/{deployment_id}/diff": ("deployment_id",),
     # the bytes must be an allowed image, of the declared type (docs/api.md: decided by the bytes)

@@ -1,5 +1,6 @@
 """A webhook receiver on loopback that a test can make fail: answering 2xx, 500, 410, a redirect,
-slowly, or dropping the connection without an answer ("down"). It records every request."""
+slowly, or dropping the connection without an answer ("down"). It records every request, with
+its arrival time (``./dev bench``'s webhooks section measures delivery latency with it)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ class Received:
     headers: dict[str, str]
     body: bytes
     answered: int | None  # None: dropped without an answer
+    at: float = 0.0  # arrival, time.time()
 
 
 class Receiver:
@@ -38,7 +40,8 @@ class Receiver:
                 body = self.rfile.read(length)
                 mode = receiver.mode
                 status = {"ok": 204, "500": 500, "410": 410, "redirect": 302, "slow": 204}.get(mode)
-                receiver._note(Received(dict(self.headers.items()), body, status))
+                got = Received(dict(self.headers.items()), body, status, time.time())
+                receiver._note(got)
                 if mode == "slow":
                     time.sleep(receiver.slow_seconds)
                 if status is None:  # down: the connection closes with no answer
