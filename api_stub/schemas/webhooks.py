@@ -10,7 +10,11 @@ from api_stub.schemas.common import NOT_NULL, InputModel, JsonObject, OutputMode
 from worker.webhook_http import MAX_URL_LENGTH
 
 EventType = Literal[
-    "deployment.succeeded", "deployment.failed", "deployment.scheduled", "archive.completed"
+    "deployment.succeeded",
+    "deployment.failed",
+    "deployment.scheduled",
+    "archive.completed",
+    "bulk.completed",
 ]
 Url = Annotated[str, StringConstraints(min_length=1, max_length=MAX_URL_LENGTH)]
 Description = Annotated[str, StringConstraints(max_length=500)]

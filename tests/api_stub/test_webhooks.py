@@ -22,7 +22,7 @@ from worker.settings import Settings, get_settings
 from worker.webhook_http import post
 
 ALL_EVENTS = ["deployment.succeeded", "deployment.failed", "deployment.scheduled",
-              "archive.completed"]  # fmt: skip
+              "archive.completed", "bulk.completed"]  # fmt: skip
 
 
 def dispatch() -> None:
@@ -163,6 +163,30 @@ def test_events_are_delivered_signed_per_standard_webhooks(database, org, celery
     attempt = log[-1]["attempt_log"][0]
     assert attempt["status_code"] == 204 and attempt["latency_ms"] >= 0
     assert {d["id"] for d in log} == {r.headers["webhook-id"] for r in hooks.answered(204)}
+
+
+def test_a_bulk_redeploy_ends_with_one_bulk_completed_event(database, org, celery_worker, hooks):
+    endpoint = register(org, hooks.url, ["bulk.completed"])
+    widgets = [org.widget() for _ in range(3)]
+    r = org.req(
+        "POST", "/widgets/deployments/bulk", json={"widget_ids": [w["id"] for w in widgets]}
+    )
+    assert r.status_code == 202, r.text
+    pump(lambda: len(hooks.answered(204)) >= 1, timeout=60)
+    for _ in range(3):  # later ticks record nothing more
+        dispatch()
+    time.sleep(0.5)
+    [got] = hooks.requests
+    payload = verified(endpoint["secret"], got)
+    assert payload["type"] == "bulk.completed"
+    data = payload["data"]
+    assert (data["id"], data["status"], data["total"], data["success"]) == (
+        r.json()["id"],
+        "success",
+        3,
+        3,
+    )
+    assert data["completed_at"] is not None
 
 
 def test_a_receiver_down_then_up_gets_every_event_once_per_webhook_id(

@@ -129,6 +129,9 @@ class BulkJob(SQLModel, table=True):
     reason: str | None = Field(default=None, max_length=MAX_REASON_LENGTH)
     cursor: str | None = Field(default=None, max_length=64)
     fanned_out_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    # When the job was seen ended (fanned out, every deployment final) and its bulk.completed
+    # webhook event recorded (worker.services.bulk_completion).
+    completed_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     error: str | None = None
     attempts: int = 0
     requeues: int = 0

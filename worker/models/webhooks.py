@@ -20,6 +20,7 @@ EVENT_TYPES = (
     "deployment.failed",
     "deployment.scheduled",
     "archive.completed",
+    "bulk.completed",
 )
 
 

@@ -57,7 +57,7 @@ def record_event(
     session.connection().execute(insert(WebhookDelivery).from_select(columns, rows))
 
 
-def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+def jsonable(fields: dict[str, Any]) -> dict[str, Any]:
     """Timestamps as the API writes them (ISO 8601 UTC, ``Z``)."""
     return {
         k: v.isoformat().replace("+00:00", "Z") if isinstance(v, datetime) else v
@@ -87,7 +87,7 @@ def deployment_data(dep: Deployment, **changed: Any) -> dict[str, Any]:
         "finished_at": dep.finished_at,
         **changed,
     }
-    return _jsonable(fields)
+    return jsonable(fields)
 
 
 def archive_data(job: ArchiveJob, **changed: Any) -> dict[str, Any]:
@@ -101,7 +101,7 @@ def archive_data(job: ArchiveJob, **changed: Any) -> dict[str, Any]:
         "finished_at": job.finished_at,
         **changed,
     }
-    return _jsonable(fields)
+    return jsonable(fields)
 
 
 def record_finished(

@@ -11,7 +11,7 @@ from worker import producer
 from worker.celery import app
 from worker.ids import require_safe_id
 from worker.models import utcnow
-from worker.services import webhook_delivery
+from worker.services import bulk_completion, webhook_delivery
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -19,8 +19,10 @@ log = logging.getLogger(__name__)
 
 @app.task(name=c.DISPATCH_WEBHOOKS_TASK, acks_late=True)
 def dispatch_webhooks() -> dict[str, Any]:
-    """Claim the due deliveries and send one message each. One the broker does not take is
-    claimed again when its lease runs out."""
+    """Record the bulk jobs that ended (``bulk.completed``), then claim the due deliveries and
+    send one message each. One the broker does not take is claimed again when its lease runs
+    out."""
+    bulk_completion.record_completed(utcnow())
     claimed = webhook_delivery.claim_due(utcnow())
     unsent = [key for key in claimed if not producer.send_webhook_delivery(*key)]
     if unsent:

@@ -7,7 +7,9 @@ Create Date: 2026-12-08
 An organization's endpoints (URL, event types, signing secret and the previous one during a
 rotation), one subscription row per (endpoint, event type) for the outbox's indexed join, one
 delivery row per (event, endpoint) written in the transaction of the state change that caused
-the event, and the log of HTTP attempts.
+the event, and the log of HTTP attempts. ``bulk_jobs.completed_at`` records when a bulk job was
+seen ended and its ``bulk.completed`` event written; the jobs that exist already count as
+completed (no event is sent for them).
 """
 
 from collections.abc import Sequence
@@ -102,9 +104,14 @@ def upgrade() -> None:
     op.create_index(
         "ix_webhook_attempts_delivery", "webhook_attempts", ["endpoint_id", "webhook_id"]
     )
+    with op.batch_alter_table("bulk_jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("completed_at", UTCDateTime(timezone=True), nullable=True))
+    op.execute("UPDATE bulk_jobs SET completed_at = updated_at")
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("bulk_jobs", schema=None) as batch_op:
+        batch_op.drop_column("completed_at")
     op.drop_index("ix_webhook_attempts_delivery", table_name="webhook_attempts")
     op.drop_table("webhook_attempts")
     op.drop_index("ix_webhook_deliveries_endpoint_created", table_name="webhook_deliveries")
