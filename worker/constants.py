@@ -12,7 +12,7 @@ BULK_DEPLOY_TASK = "widgets.bulk_deploy"
 LATE_WRITES_TASK = "widgets.check_late_writes"
 SEND_DUE_TASK = "widgets.send_due_deployments"
 DISPATCH_WEBHOOKS_TASK = "widgets.dispatch_webhooks"
-DELIVER_WEBHOOK_TASK = "widgets.deliver_webhook"
+DELIVER_WEBHOOKS_TASK = "widgets.deliver_webhooks"
 
 DEPLOY_QUEUE = "deployments"
 ARCHIVE_QUEUE = "archives"
@@ -35,7 +35,7 @@ TASK_ROUTES = {
     LATE_WRITES_TASK: {"queue": MAINTENANCE_QUEUE},
     SEND_DUE_TASK: {"queue": MAINTENANCE_QUEUE},
     DISPATCH_WEBHOOKS_TASK: {"queue": WEBHOOK_QUEUE},
-    DELIVER_WEBHOOK_TASK: {"queue": WEBHOOK_QUEUE},
+    DELIVER_WEBHOOKS_TASK: {"queue": WEBHOOK_QUEUE},
 }
 
 # A task is soft-interrupted (and retried) after SOFT, killed after HARD seconds.

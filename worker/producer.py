@@ -191,8 +191,9 @@ def send_archive_chunk(organization_id: str, items: list[tuple[str, str]]) -> bo
     )
 
 
-def send_webhook_delivery(webhook_id: str, endpoint_id: str) -> bool:
-    return _send(c.DELIVER_WEBHOOK_TASK, {"webhook_id": webhook_id, "endpoint_id": endpoint_id})
+def send_webhook_deliveries(endpoint_id: str, webhook_ids: list[str]) -> bool:
+    """One attempt of each of these deliveries of one endpoint."""
+    return _send(c.DELIVER_WEBHOOKS_TASK, {"endpoint_id": endpoint_id, "webhook_ids": webhook_ids})
 
 
 def send_bulk(organization_id: str, bulk_id: str) -> bool:

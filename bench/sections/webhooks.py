@@ -16,7 +16,7 @@ import time
 
 from sqlalchemy import text
 
-from bench import fixtures
+from bench import fixtures, procstat
 from bench.report import SectionResult
 from bench.sections import Context
 from bench.stats import Figure, ratio
@@ -65,6 +65,8 @@ def run(ctx: Context) -> SectionResult:
     n = ctx.opts.n
     res = SectionResult("webhooks", f"webhooks ({n} deploys, one endpoint)")
     rates = {"without endpoints": Figure(), "one endpoint": Figure()}
+    # CPU per deploy of each process group, deliveries included (waited for before the next).
+    cpu: dict[str, dict[str, Figure]] = {label: {} for label in rates}
     p50, p99 = Figure(), Figure()
     stop = threading.Event()
     ticker = threading.Thread(
@@ -85,14 +87,18 @@ def run(ctx: Context) -> SectionResult:
                     ctx.say(f"{n} deploys, {label}, repetition {rep + 1}")
                     widgets = ctx.api.create_widgets(org, n)
                     done0, _ = fixtures.final_counts(org.id)
+                    cpu0 = ctx.cpu()
                     t0 = time.monotonic()
                     for widget in widgets:
                         fixtures.send_deploy(org.id, widget)
                     end = fixtures.wait_final(org.id, done0 + n, timeout=max(120.0, n * 2.0))
                     rates[label].add(n / (end - t0))
-                deadline = time.monotonic() + 60
-                while len(hooks.answered(204)) < n * (rep + 1) and time.monotonic() < deadline:
-                    time.sleep(0.1)
+                    deadline = time.monotonic() + 60
+                    expected = n * (rep + 1) if org is hooked else 0
+                    while len(hooks.answered(204)) < expected and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                    for group, seconds in procstat.cpu_delta(cpu0, ctx.cpu()).items():
+                        cpu[label].setdefault(group, Figure()).add(seconds * 1000 / n)
             latencies = _latencies(hooks, _finished_at(hooked.id))
             for chunk_start in range(0, len(latencies), max(1, n)):
                 chunk = latencies[chunk_start : chunk_start + n]
@@ -110,6 +116,9 @@ def run(ctx: Context) -> SectionResult:
         ratio(rates["one endpoint"], rates["without endpoints"]),
         "x",
     )
+    for label, groups in cpu.items():
+        for group, fig in groups.items():
+            res.add(f"CPU {group}, {label} (deliveries included)", fig, "ms/deploy")
     res.add("delivery latency after deployment.succeeded, p50", p50, "ms")
     res.add("delivery latency after deployment.succeeded, p99", p99, "ms")
     res.notes.append(

@@ -73,7 +73,7 @@ class WebhookSubscription(SQLModel, table=True):
 
 class WebhookDelivery(SQLModel, table=True):
     """One event for one endpoint (the outbox row): written in the transaction of the state
-    change that caused it, then delivered by ``widgets.deliver_webhook`` until it succeeds or
+    change that caused it, then delivered by ``widgets.deliver_webhooks`` until it succeeds or
     its retry schedule ends (``failed``)."""
 
     __tablename__ = "webhook_deliveries"

@@ -1,15 +1,15 @@
 """Delivering webhook events: at least once, signed per Standard Webhooks, never blocking a deploy.
 
 A delivery row (:mod:`worker.services.webhook_outbox`) is ``pending`` with a ``next_attempt_at``.
-Beat's tick (``widgets.dispatch_webhooks``) **claims** the due ones, one conditional ``UPDATE``
-that pushes their ``next_attempt_at`` a lease ahead (:data:`LEASE_SECONDS`, longer than an
-attempt can take), and sends a ``widgets.deliver_webhook`` message for each after the commit.
-The task makes one attempt, with no transaction open during the request, then records it in
-one transaction: ``succeeded`` on a 2xx; on a 410 ``failed`` and the endpoint disabled; else
-the next attempt after the schedule's wait (±20 % jitter), or ``failed`` when the schedule is
-spent. A message lost, or a worker killed mid-attempt, only delays the delivery: the lease runs
-out and the tick claims it again. A receiver may therefore see an event twice, always with the
-same ``webhook-id`` (its idempotency key), never a different one.
+Beat's tick (``widgets.dispatch_webhooks``) **claims** the due ones, one conditional ``UPDATE`` that
+pushes their ``next_attempt_at`` a lease ahead (:data:`LEASE_SECONDS`, longer than an attempt can
+take), and sends a ``widgets.deliver_webhooks`` message per endpoint and batch (:data:`BATCH`) after
+the commit. The task makes one attempt of each, concurrently, with no transaction open during the
+requests, then records them in one transaction: ``succeeded`` on a 2xx; on a 410 ``failed`` and the
+endpoint disabled; else the next attempt after the schedule's wait (±20 % jitter), or ``failed``
+when the schedule is spent. A message lost, or a worker killed mid-attempt, only delays the
+delivery: the lease runs out and the tick claims it again. A receiver may therefore see an event
+twice, always with the same ``webhook-id`` (its idempotency key), never a different one.
 
 The body is ``{"type", "timestamp", "data"}``; the headers ``webhook-id``,
 ``webhook-timestamp`` and ``webhook-signature`` (``v1,<base64 HMAC-SHA256 of
@@ -21,11 +21,10 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, update
+from sqlalchemy import delete, tuple_, update
 from sqlmodel import Session, col, select
 from standardwebhooks.webhooks import Webhook
 
@@ -38,45 +37,43 @@ from worker.models.webhooks import (
     WebhookSubscription,
 )
 from worker.settings import Settings
-from worker.webhook_http import Answer, post
+from worker.webhook_http import Answer, Request, post_all
 
 # A claimed delivery is not claimed again for this long: more than an attempt can take.
 LEASE_SECONDS = 60.0
-DUE_BATCH = 200
+DUE_BATCH = 500
+# Deliveries of one endpoint per message: sent at once, so a batch takes one timeout at most.
+BATCH = 16
 JITTER = 0.2
 GONE = 410
 
-Key = tuple[str, str]  # webhook_id, endpoint_id
 
-
-def claim_due(now: datetime, limit: int = DUE_BATCH) -> list[Key]:
-    """The deliveries due at ``now``, leased to this tick: the caller sends them after commit."""
+def claim_due(now: datetime, limit: int = DUE_BATCH) -> dict[str, list[str]]:
+    """The deliveries due at ``now``, leased to this tick in one ``UPDATE ... RETURNING``, by
+    endpoint: the caller sends them after the commit."""
     lease = now + timedelta(seconds=LEASE_SECONDS)
+    key = tuple_(col(WebhookDelivery.webhook_id), col(WebhookDelivery.endpoint_id))
+    is_due = (col(WebhookDelivery.status) == "pending") & (
+        col(WebhookDelivery.next_attempt_at) <= now
+    )
+    due = (
+        select(WebhookDelivery.webhook_id, WebhookDelivery.endpoint_id)
+        .where(is_due)
+        .order_by(col(WebhookDelivery.next_attempt_at))
+        .limit(limit)
+    )
     with unit_of_work("webhooks.claim_due") as session:
-        due = session.exec(
-            select(WebhookDelivery.webhook_id, WebhookDelivery.endpoint_id)
-            .where(
-                col(WebhookDelivery.status) == "pending",
-                col(WebhookDelivery.next_attempt_at) <= now,
-            )
-            .order_by(col(WebhookDelivery.next_attempt_at))
-            .limit(limit)
+        rows = session.execute(
+            update(WebhookDelivery)
+            .where(is_due, key.in_(due))
+            .values(next_attempt_at=lease)
+            .returning(col(WebhookDelivery.webhook_id), col(WebhookDelivery.endpoint_id)),
+            execution_options={"synchronize_session": False},
         ).all()
-        claimed: list[Key] = []
-        for webhook_id, endpoint_id in due:
-            result = session.connection().execute(
-                update(WebhookDelivery)
-                .where(
-                    col(WebhookDelivery.webhook_id) == webhook_id,
-                    col(WebhookDelivery.endpoint_id) == endpoint_id,
-                    col(WebhookDelivery.status) == "pending",
-                    col(WebhookDelivery.next_attempt_at) <= now,
-                )
-                .values(next_attempt_at=lease)
-            )
-            if result.rowcount:
-                claimed.append((webhook_id, endpoint_id))
-        return claimed
+    by_endpoint: dict[str, list[str]] = {}
+    for webhook_id, endpoint_id in rows:
+        by_endpoint.setdefault(endpoint_id, []).append(webhook_id)
+    return by_endpoint
 
 
 def body_of(delivery: WebhookDelivery) -> bytes:
@@ -107,38 +104,42 @@ def headers_for(endpoint: WebhookEndpoint, webhook_id: str, body: bytes) -> dict
     }
 
 
-@dataclass(frozen=True)
-class Attempted:
-    status: str  # the delivery's status after the attempt
-    answer: Answer | None  # None: nothing was sent (not pending any more, endpoint gone)
-
-
-def deliver(webhook_id: str, endpoint_id: str, settings: Settings) -> Attempted:
-    """One attempt of one delivery (a ``widgets.deliver_webhook`` message)."""
-    with read_session("webhooks.read_delivery") as session:
-        delivery = session.get(WebhookDelivery, (webhook_id, endpoint_id))
+def deliver(endpoint_id: str, webhook_ids: list[str], settings: Settings) -> dict[str, str]:
+    """One attempt of each of an endpoint's deliveries (a ``widgets.deliver_webhooks``
+    message), sent concurrently and recorded in one transaction. Their statuses after it."""
+    with read_session("webhooks.read_deliveries") as session:
         endpoint = session.get(WebhookEndpoint, endpoint_id)
-    if delivery is None or delivery.status != "pending":
-        return Attempted(delivery.status if delivery else "gone", None)
+        deliveries = session.exec(
+            select(WebhookDelivery).where(
+                col(WebhookDelivery.endpoint_id) == endpoint_id,
+                col(WebhookDelivery.webhook_id).in_(webhook_ids),
+                col(WebhookDelivery.status) == "pending",
+            )
+        ).all()
+    if not deliveries:
+        return {}
     if endpoint is None or not endpoint.enabled:
-        why = endpoint.disabled_reason if endpoint else None
-        with unit_of_work("webhooks.record_attempt") as session:
-            _finish(session, delivery, "failed", f"endpoint disabled: {why or 'by its owner'}")
-        return Attempted("failed", None)
-    body = body_of(delivery)
-    answer = post(endpoint.url, body, headers_for(endpoint, webhook_id, body), settings)
-    with unit_of_work("webhooks.record_attempt") as session:
-        return Attempted(_record(session, delivery, endpoint, answer, settings), answer)
+        why = f"endpoint disabled: {(endpoint and endpoint.disabled_reason) or 'by its owner'}"
+        with unit_of_work("webhooks.record_attempts") as session:
+            return {d.webhook_id: _finish(session, d, "failed", why) for d in deliveries}
+    requests = []
+    for delivery in deliveries:
+        body = body_of(delivery)
+        headers = headers_for(endpoint, delivery.webhook_id, body)
+        requests.append(Request(endpoint.url, body, headers))
+    answers = post_all(requests, settings)
+    with unit_of_work("webhooks.record_attempts") as session:
+        statuses = {
+            d.webhook_id: _record(session, d, a, settings)
+            for d, a in zip(deliveries, answers, strict=True)
+        }
+        if any(a.status_code == GONE for a in answers):
+            disable(session, endpoint.id, "the receiver answered 410 Gone")
+        return statuses
 
 
-def _record(
-    session: Session,
-    delivery: WebhookDelivery,
-    endpoint: WebhookEndpoint,
-    answer: Answer,
-    settings: Settings,
-) -> str:
-    """The attempt in the log, and what follows from it: one transaction."""
+def _record(session: Session, delivery: WebhookDelivery, answer: Answer, settings: Settings) -> str:
+    """The attempt in the log, and what follows from it, in the caller's transaction."""
     session.add(
         WebhookAttempt(
             webhook_id=delivery.webhook_id,
@@ -152,11 +153,8 @@ def _record(
     error = answer.error or (None if answer.ok else f"HTTP {answer.status_code}")
     if answer.ok:
         return _finish(session, delivery, "succeeded", None, answer.status_code, attempts)
-    if answer.status_code == GONE:
-        disable(session, endpoint.id, "the receiver answered 410 Gone")
-        return _finish(session, delivery, "failed", error, answer.status_code, attempts)
     schedule = settings.webhook_retry_schedule_seconds
-    if attempts > len(schedule):
+    if answer.status_code == GONE or attempts > len(schedule):
         return _finish(session, delivery, "failed", error, answer.status_code, attempts)
     wait = schedule[attempts - 1] * random.uniform(1 - JITTER, 1 + JITTER)
     _update(

@@ -1,4 +1,5 @@
-"""``widgets.dispatch_webhooks`` (beat's tick) and ``widgets.deliver_webhook`` (one attempt):
+"""``widgets.dispatch_webhooks`` (beat's tick) and ``widgets.deliver_webhooks`` (one attempt of
+each of an endpoint's deliveries):
 thin wrappers around :mod:`worker.services.webhook_delivery`."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from worker import producer
 from worker.celery import app
 from worker.ids import require_safe_id
 from worker.models import utcnow
-from worker.services import bulk_completion, webhook_delivery
+from worker.services import bulk_completion, chunking, webhook_delivery
 from worker.settings import get_settings
 
 log = logging.getLogger(__name__)
@@ -24,27 +25,31 @@ def dispatch_webhooks() -> dict[str, Any]:
     out."""
     bulk_completion.record_completed(utcnow())
     claimed = webhook_delivery.claim_due(utcnow())
-    unsent = [key for key in claimed if not producer.send_webhook_delivery(*key)]
+    sent = unsent = 0
+    for endpoint_id, webhook_ids in claimed.items():
+        for batch in chunking.chunks(webhook_ids, webhook_delivery.BATCH):
+            if producer.send_webhook_deliveries(endpoint_id, batch):
+                sent += len(batch)
+            else:
+                unsent += len(batch)
     if unsent:
-        log.warning("%d webhook deliveries not sent (claimed again later)", len(unsent))
-    return {"sent": len(claimed) - len(unsent), "unsent": len(unsent)}
+        log.warning("%d webhook deliveries not sent (claimed again later)", unsent)
+    return {"sent": sent, "unsent": unsent}
 
 
 @app.task(
-    name=c.DELIVER_WEBHOOK_TASK,
+    name=c.DELIVER_WEBHOOKS_TASK,
     acks_late=True,
     soft_time_limit=c.TASK_SOFT_TIME_LIMIT,
     time_limit=c.TASK_TIME_LIMIT,
 )
-def deliver_webhook(webhook_id: str, endpoint_id: str) -> dict[str, Any]:
-    """One attempt of one delivery; its outcome is recorded by the service, never retried by
-    Celery (the delivery's own schedule decides the next attempt)."""
+def deliver_webhooks(endpoint_id: str, webhook_ids: list[str]) -> dict[str, str]:
+    """One attempt of each of an endpoint's deliveries; the outcomes are recorded by the
+    service, never retried by Celery (each delivery's own schedule decides its next attempt).
+    Returns each delivery's status after it."""
     require_safe_id(endpoint_id, "endpoint_id")
-    require_safe_id(webhook_id, "webhook_id")
-    done = webhook_delivery.deliver(webhook_id, endpoint_id, get_settings())
-    answer = done.answer
-    return {
-        "status": done.status,
-        "status_code": answer.status_code if answer else None,
-        "latency_ms": answer.latency_ms if answer else None,
-    }
+    if not isinstance(webhook_ids, list) or len(webhook_ids) > webhook_delivery.BATCH:
+        raise ValueError(f"webhook_ids must be a list of at most {webhook_delivery.BATCH} ids")
+    for webhook_id in webhook_ids:
+        require_safe_id(webhook_id, "webhook_id")
+    return webhook_delivery.deliver(endpoint_id, webhook_ids, get_settings())
