@@ -275,6 +275,7 @@ def test_a_request_not_answered_by_its_deadline_is_a_503_and_commits_nothing(
     """Whatever holds a request (here a database that hangs), the client gets a 503 at the
     deadline, its connection carries the next request, and the held request, once it
     resumes, commits nothing: the 503 was true."""
+    usual_deadline = route_policy.REQUEST_DEADLINE_SECONDS
     monkeypatch.setattr(route_policy, "REQUEST_DEADLINE_SECONDS", 0.5)
     name = f"never-{uuid.uuid4().hex[:8]}"
     auth = {"Authorization": f"Bearer {org.token}", "Content-Length": "0"}
@@ -288,6 +289,9 @@ def test_a_request_not_answered_by_its_deadline_is_a_503_and_commits_nothing(
             assert_503(r.status, r.headers, r.body)
             assert 0.5 <= elapsed < 3, elapsed
             assert not r.closed and r.headers.get("connection") != "close"
+            # The next request on the same connection, with the usual deadline: what is tested
+            # is that the connection carries it, not that a busy machine answers in 0.5 s.
+            monkeypatch.setattr(route_policy, "REQUEST_DEADLINE_SECONDS", usual_deadline)
             sock.sendall(request_head("GET", f"/widgets?organization_id={org.id}", auth))
             _, r = read_response(sock)
             assert r.status == 200, r.body

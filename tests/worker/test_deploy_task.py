@@ -13,6 +13,7 @@ from tests.conftest import BUCKET
 from worker.db import unit_of_work
 from worker.ids import new_id
 from worker.models import FINAL_STATUSES, Deployment
+from worker.settings import get_settings
 
 
 def wait_for(check: Any, timeout: float = 60, interval: float = 0.05) -> Any:
@@ -35,7 +36,8 @@ def test_deploy_publishes_container_and_marks_widget_published(
     assert done["status"] == "success", done
     obj = s3.get_object(Bucket=BUCKET, Key=org.container_key(w["id"]))
     assert obj["ContentType"] == "application/json"
-    assert obj["CacheControl"] == "public, max-age=60"
+    assert obj["CacheControl"] == get_settings().s3_cache_control
+    assert "stale-while-revalidate" in obj["CacheControl"]  # for a CDN in front of the bucket
     body = json.loads(obj["Body"].read())
     assert body == done["config"]
     assert body["deployment_id"] == done["deployment_id"]
